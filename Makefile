@@ -1,0 +1,51 @@
+# Tadpole: `make run` starts everything, `make test` runs every test.
+# Both set up .venv/ from this repo's own files first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8080
+STAMP := $(VENV)/.installed
+
+.PHONY: run test unit integration e2e lint typecheck bench schemas clean help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP) ## start the API, relay, projectors, reapers and (if needed) the embedded broker
+	$(BIN)/tadpole up --port $(PORT)
+
+test: $(STAMP) ## lint, type-check, then unit, integration and end-to-end tests
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+unit: $(STAMP) ## only the fast unit tests
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: $(STAMP) ## only the integration tests
+	$(BIN)/python -m pytest -q tests/integration
+
+e2e: $(STAMP) ## only the end-to-end tests
+	$(BIN)/python -m pytest -q tests/e2e
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy .
+
+schemas: $(STAMP) ## regenerate schemas/avro/*.avsc from the event classes
+	$(BIN)/tadpole schemas --write
+
+bench: $(STAMP) ## run the throughput benchmark against Tadpole, PgQueuer and DBOS
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) bench/.venv-peers
