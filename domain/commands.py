@@ -77,11 +77,13 @@ class Hello:
 
 @dataclass(frozen=True)
 class Heartbeat:
+    """A spot's sign of life; a figure left out keeps its last reported value."""
+
     spot_id: str
-    ip_address: str
-    cpu_load: float
-    running_tasks: int
-    total_cores: int
+    ip_address: str | None = None
+    cpu_load: float | None = None
+    running_tasks: int | None = None
+    total_cores: int | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,8 @@ class CommandProcessor:
         self.last_seen: dict[UUID, float] = {}
         self._claimable: dict[UUID, None] = {}
         self._stale = True
+        #: Versions the last stored batch brought its aggregates to.
+        self.committed: dict[UUID, int] = {}
 
     # ---- state -------------------------------------------------------------------
 
@@ -376,7 +380,10 @@ class _Batch:
         if not isinstance(spot, Spot):
             return NotFoundError("spot not found")
         self.seen[spot.id] = self.ts
-        figures = (c.ip_address, c.cpu_load, c.running_tasks, c.total_cores)
+        last = spot.figures()
+        given = (c.ip_address, c.cpu_load, c.running_tasks, c.total_cores)
+        ip, cpu, running, cores = (g if g is not None else o for g, o in zip(given, last, strict=True))
+        figures = (str(ip), float(cpu), int(running), int(cores))
         due = self.ts - spot.last_heartbeat.timestamp() >= self.p.heartbeat_store_interval
         if spot.status == DOWN:
             spot.come_up(self.now)
@@ -437,7 +444,8 @@ class _Batch:
 
     def reap_tasks(self, c: ReapTasks) -> Result:
         def expired(holder: str, claimed_at: float) -> bool:
-            seen = self.p.last_seen.get(_uuid_or_none(holder) or uuid4(), 0.0)
+            uuid = _uuid_or_none(holder)
+            seen = self.seen.get(uuid, self.p.last_seen.get(uuid, 0.0)) if uuid else 0.0
             return self.ts - max(claimed_at, seen) > c.threshold
 
         return Reaped(tasks=self._reap(expired, "lease expired"))
@@ -506,6 +514,7 @@ class _Batch:
     # ---- after the store accepted the batch ------------------------------------------
 
     def commit(self) -> None:
+        self.p.committed = {a.id: a.version for a in self.touched.values()}
         for aggregate in self.touched.values():
             if isinstance(aggregate, Job):
                 self.p.jobs[aggregate.id] = aggregate

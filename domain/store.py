@@ -43,6 +43,10 @@ class TadpoleStore(Application[UUID]):
             return None
         return aggregate
 
+    def stored_events(self, uuid: UUID) -> list[Any]:
+        """Every stored event of an aggregate, oldest first (snapshots aside)."""
+        return list(self.events.get(uuid))
+
     def save_all(self, aggregates: Sequence[Aggregate]) -> int:
         """Store every pending event of ``aggregates`` in one transaction.
 

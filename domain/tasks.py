@@ -147,6 +147,8 @@ class TaskBlock(Aggregate):
         return self.first <= index < self.first + self.count
 
     def view(self, index: int) -> TaskView:
+        if not self.holds(index):
+            raise TaskBlockError(f"task {index} is not in this block")
         o = index - self.first
         return TaskView(
             self.status[o], self.holders[o], self.fences[o], self.attempts[o], self.claimed_at[o]
@@ -179,6 +181,8 @@ class TaskBlock(Aggregate):
     # ---- commands: each stores one event for many tasks ------------------------
 
     def claim(self, indexes: list[int], holders: list[str], at: datetime) -> None:
+        if len(holders) != len(indexes) or len(set(indexes)) != len(indexes):
+            raise TaskBlockError("a claim names each task once, with one holder each")
         for index in indexes:
             if self.view(index).status != NEW:
                 raise TaskBlockError(f"task {index} is not NEW, so it cannot be claimed")

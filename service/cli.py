@@ -1,10 +1,51 @@
-"""The ``tadpole`` command."""
+"""The ``tadpole`` command: run the stack or one of its processes."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+
+from service.settings import ENVIRONMENT, Settings, SettingsError, load_settings
+
+EPILOG = "settings come from the environment:\n" + "\n".join(
+    f"  {name:34} {meaning} (default: {default or 'unset'})"
+    for name, (default, meaning) in ENVIRONMENT.items()
+)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        sys.exit(f"tadpole: {error}")
+    if getattr(args, "port", None):
+        settings = settings.with_changes(port=args.port)
+    return settings
+
+
+def _up(args: argparse.Namespace) -> int:
+    from service.processes import run_up
+
+    return run_up(_settings(args))
+
+
+def _api(args: argparse.Namespace) -> int:
+    from service.processes import run_api
+
+    return run_api(_settings(args))
+
+
+def _relay(args: argparse.Namespace) -> int:
+    from service.processes import run_relay
+
+    return run_relay(_settings(args))
+
+
+def _project(args: argparse.Namespace) -> int:
+    from service.processes import run_projector
+
+    return run_projector(_settings(args), args.read_model)
 
 
 def _schemas(args: argparse.Namespace) -> int:
@@ -23,9 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tadpole",
         description="Tadpole: an event-sourced control plane for jobs, tasks and worker spots.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    schemas = sub.add_parser("schemas", help="print or write the Avro schemas of every event")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    up = add("up", "run everything: API, relay, projectors, reapers (and the embedded "
+                   "broker when KAFKA_BOOTSTRAP_SERVERS is unset)")
+    up.add_argument("--port", type=int, help="HTTP port (default: TADPOLE_PORT / ORHESTRA_PORT / 8080)")
+    up.set_defaults(run=_up)
+
+    api = add("api", "run the HTTP API (gunicorn, one ASGI worker: the single writer and the reapers)")
+    api.add_argument("--port", type=int, help="HTTP port")
+    api.set_defaults(run=_api)
+
+    add("relay", "relay events from the event store to Kafka").set_defaults(run=_relay)
+
+    project = add("project", "feed one read model from Kafka, healing from the event store")
+    project.add_argument("read_model", choices=["postgres", "redis"], help="which read model")
+    project.set_defaults(run=_project)
+
+    schemas = add("schemas", "print the Avro schemas of every event, or write schemas/avro/")
     schemas.add_argument("--write", action="store_true", help="write schemas/avro/*.avsc")
     schemas.set_defaults(run=_schemas)
     return parser

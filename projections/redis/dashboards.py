@@ -1,0 +1,173 @@
+"""Redis read models: spot status and load, task counts by state, job progress.
+
+Each event becomes one Lua script call that checks and advances the aggregate's
+applied version and makes the event's changes atomically, so a redelivered
+event changes nothing and a skipped version is reported as a gap. This Redis
+keeps nothing on disk: a missing ``meta`` key means it lost everything, and the
+runner rebuilds it from the event store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from domain.ids import spot_id
+from schemas.codec import EventMessage
+
+APPLY = """
+local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local new = tonumber(ARGV[2])
+if new <= v then return 0 end
+if new > v + 1 then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], new)
+local i = 3
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'HSET' then
+    redis.call('HSET', ARGV[i+1], ARGV[i+2], ARGV[i+3])
+  elseif op == 'HINCRBY' then
+    redis.call('HINCRBY', ARGV[i+1], ARGV[i+2], ARGV[i+3])
+  elseif op == 'ZADD' then
+    redis.call('ZADD', ARGV[i+1], ARGV[i+3], ARGV[i+2])
+  end
+  i = i + 4
+end
+return 1
+"""
+
+
+class RedisKeys:
+    """Where each dashboard lives, under one prefix."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.applied = f"{prefix}:applied"
+        self.meta = f"{prefix}:meta"
+        self.counts = f"{prefix}:counts"
+        self.spots = f"{prefix}:spots"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def spot(self, spot_id: str) -> str:
+        return f"{self.prefix}:spot:{spot_id}"
+
+
+Op = tuple[str, str, str, str | int | float]
+
+
+def ops_for(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    """The changes one event makes to the dashboards."""
+    d = m.data
+    c = keys.counts
+    if m.type == "Job.Created":
+        job = keys.job("job-" + m.aggregate_id.hex)
+        return [
+            ("HSET", job, "total", d["total_tasks"]),
+            ("HSET", job, "created_at", m.timestamp.isoformat()),
+            ("HINCRBY", job, "done", 0),
+        ]
+    if m.type.startswith("TaskBlock."):
+        job = keys.job(d["job_id"])
+        if m.type == "TaskBlock.Created":
+            return _moves(c, job, {"NEW": d["count"]})
+        n = len(d["indexes"])
+        if m.type == "TaskBlock.Claimed":
+            return _moves(c, job, {"NEW": -n, "RUNNING": n})
+        if m.type == "TaskBlock.Completed":
+            return _moves(c, job, {"RUNNING": -n, "DONE": n})
+        retried = sum(1 for r in d["retried"] if r)
+        return _moves(c, job, {"RUNNING": -n, "NEW": retried, "FAILED": n - retried})
+    spot = keys.spot(spot_id(m.aggregate_id))
+    if m.type == "Spot.Registered":
+        at = m.data["at"]
+        return [
+            ("HSET", spot, "ipAddress", d["ip_address"]),
+            ("HSET", spot, "status", "UP"),
+            ("HSET", spot, "lastHeartbeat", at.isoformat()),
+            ("ZADD", keys.spots, spot_id(m.aggregate_id), at.timestamp()),
+            ("HINCRBY", c, "spots_up", 1),
+        ]
+    if m.type == "Spot.HeartbeatRecorded":
+        return [
+            ("HSET", spot, "ipAddress", d["ip_address"]),
+            ("HSET", spot, "cpuLoad", d["cpu_load"]),
+            ("HSET", spot, "runningTasks", d["running_tasks"]),
+            ("HSET", spot, "totalCores", d["total_cores"]),
+            ("HSET", spot, "lastHeartbeat", d["at"].isoformat()),
+        ]
+    if m.type == "Spot.MarkedDown":
+        return [("HSET", spot, "status", "DOWN"), ("HINCRBY", c, "spots_up", -1)]
+    if m.type == "Spot.CameUp":
+        return [("HSET", spot, "status", "UP"), ("HINCRBY", c, "spots_up", 1)]
+    return []
+
+
+def _moves(counts: str, job: str, moves: dict[str, int]) -> list[Op]:
+    ops: list[Op] = []
+    for state, n in moves.items():
+        if n:
+            ops.append(("HINCRBY", counts, state, n))
+            ops.append(("HINCRBY", job, state.lower(), n))
+    return ops
+
+
+class RedisReadModel:
+    """Applies events to the Redis dashboards under ``prefix``."""
+
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str):
+        self.keys = RedisKeys(prefix)
+        self.client: redis.Redis = redis.Redis.from_url(url, protocol=2)
+        self._apply = self.client.register_script(APPLY)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def create(self) -> None:
+        """Nothing to create: keys appear as events arrive."""
+
+    def reset(self) -> None:
+        names = list(self.client.scan_iter(match=f"{self.keys.prefix}:*", count=1000))
+        for start in range(0, len(names), 500):
+            self.client.delete(*names[start : start + 500])
+
+    def checkpoint(self) -> int:
+        value = self.client.hget(self.keys.meta, "checkpoint")
+        return int(value) if value is not None else 0
+
+    def set_checkpoint(self, position: int) -> None:
+        self.client.hset(self.keys.meta, "checkpoint", position)
+
+    def lost(self) -> bool:
+        """True when Redis lost its keys (a restart: this Redis keeps nothing on disk)."""
+        return not self.client.exists(self.keys.meta)
+
+    def apply(self, messages: Sequence[EventMessage]) -> list[EventMessage]:
+        pipe = self.client.pipeline(transaction=False)
+        for m in messages:
+            args: list[Any] = [str(m.aggregate_id), m.version]
+            for op in ops_for(self.keys, m):
+                args.extend(op)
+            self._apply(keys=[self.keys.applied], args=args, client=pipe)
+        results = pipe.execute()
+        return [m for m, r in zip(messages, results, strict=True) if r == -1]
+
+    def dump(self) -> dict[str, Any]:
+        """Every dashboard key and its value, for comparing with a rebuild."""
+        out: dict[str, Any] = {}
+        for name in self.client.scan_iter(match=f"{self.keys.prefix}:*", count=1000):
+            key = name.decode()
+            short = key[len(self.keys.prefix) :]
+            if short in (":meta",):
+                continue
+            kind = self.client.type(name).decode()
+            if kind == "hash":
+                out[short] = {k.decode(): v.decode() for k, v in self.client.hgetall(name).items()}
+            elif kind == "zset":
+                out[short] = [m.decode() for m in self.client.zrange(name, 0, -1)]
+        return out

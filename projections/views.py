@@ -1,0 +1,161 @@
+"""What the query API reads: the read models, asynchronously.
+
+Each view can tell which versions of some aggregates it has applied, so a query
+right after a client's own command can wait for that command's effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+from uuid import UUID
+
+import redis.asyncio as aioredis
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from projections.redis.dashboards import RedisKeys
+
+
+class VersionedView(Protocol):
+    async def applied(self, uuids: list[UUID]) -> dict[UUID, int]: ...
+
+
+async def wait_until_applied(
+    view: VersionedView, wanted: Mapping[UUID, int], timeout: float
+) -> bool:
+    """Wait (up to ``timeout`` s) until ``view`` has applied ``wanted`` versions."""
+    if not wanted:
+        return True
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        have = await view.applied(list(wanted))
+        if all(have.get(u, 0) >= v for u, v in wanted.items()):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+class RedisViews:
+    """Job progress, task counts by state and spot status from Redis."""
+
+    def __init__(self, url: str, prefix: str):
+        self.client: aioredis.Redis = aioredis.Redis.from_url(url, protocol=2)
+        self.keys = RedisKeys(prefix)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def applied(self, uuids: list[UUID]) -> dict[UUID, int]:
+        values = await self.client.hmget(self.keys.applied, [str(u) for u in uuids])
+        return {u: int(v) for u, v in zip(uuids, values, strict=True) if v is not None}
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self.client.hgetall(self.keys.job(job_id))
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        if "total" not in data:
+            return None
+        total = int(data["total"])
+        done = int(data.get("done", 0))
+        failed = int(data.get("failed", 0))
+        if done + failed < total:
+            status = "RUNNING"
+        else:
+            status = "DONE" if failed == 0 else "FAILED"
+        return {
+            "id": job_id,
+            "status": status,
+            "totalTasks": total,
+            "completedTasks": done,
+            "failedTasks": failed,
+            "createdAt": data["created_at"],
+        }
+
+    async def counts(self) -> dict[str, int]:
+        raw = await self.client.hgetall(self.keys.counts)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+
+class PostgresViews:
+    """Results and spots from the PostgreSQL read model."""
+
+    def __init__(self, conninfo: str, schema: str):
+        self.pool = AsyncConnectionPool(conninfo, min_size=1, max_size=4, open=False,
+                                        kwargs={"autocommit": True, "row_factory": dict_row,
+                                                "options": "-c TimeZone=UTC"})
+        self.schema = sql.Identifier(schema)
+
+    async def open(self) -> None:
+        await self.pool.open()
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(schema=self.schema)
+
+    async def ping(self) -> bool:
+        async with self.pool.connection() as conn:
+            await conn.execute("SELECT 1")
+        return True
+
+    async def applied(self, uuids: list[UUID]) -> dict[UUID, int]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                self._q("SELECT aggregate_id, version FROM {schema}.applied "
+                        "WHERE aggregate_id = ANY(%s)"),
+                (uuids,),
+            )
+            return {row["aggregate_id"]: row["version"] for row in await cur.fetchall()}
+
+    async def results(self, job_id: str) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                self._q(
+                    "SELECT id, algorithm, iterations, fopt, runtime_ms, finished_at "
+                    "FROM {schema}.tasks WHERE job_id = %s AND status = 'DONE' ORDER BY idx"
+                ),
+                (job_id,),
+            )
+            return [
+                {
+                    "taskId": r["id"],
+                    "algorithm": r["algorithm"],
+                    "iterations": r["iterations"],
+                    "fopt": r["fopt"],
+                    "runtimeMs": r["runtime_ms"],
+                    "finishedAt": _iso(r["finished_at"]),
+                }
+                for r in await cur.fetchall()
+            ]
+
+    async def spots(self) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                self._q("SELECT * FROM {schema}.spots ORDER BY registered_at, id")
+            )
+            return [
+                {
+                    "id": r["id"],
+                    "ipAddress": r["ip_address"],
+                    "status": r["status"],
+                    "cpuLoad": r["cpu_load"],
+                    "runningTasks": r["running_tasks"],
+                    "totalCores": r["total_cores"],
+                    "lastHeartbeat": _iso(r["last_heartbeat"]),
+                }
+                for r in await cur.fetchall()
+            ]
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    text: str = value.isoformat().replace("+00:00", "Z")
+    return text

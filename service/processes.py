@@ -1,0 +1,187 @@
+"""The long-running processes: API (gunicorn), relay, projectors, and `tadpole up`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from service.settings import Settings
+from service.wiring import configure_logging, open_store
+
+log = logging.getLogger(__name__)
+
+
+def _on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def require_broker(settings: Settings) -> str:
+    if not settings.kafka_bootstrap_servers:
+        sys.exit(
+            "KAFKA_BOOTSTRAP_SERVERS is not set: point it at a Kafka broker, "
+            "or run `tadpole up`, which starts the embedded one"
+        )
+    return settings.kafka_bootstrap_servers
+
+
+def run_relay(settings: Settings) -> int:
+    from streaming.relay import Relay, RelayPosition
+    from streaming.topics import TopicCatalogue
+
+    configure_logging(settings)
+    bootstrap = require_broker(settings)
+    store = open_store(settings)
+    relay = Relay(
+        store,
+        RelayPosition(settings.database_url, settings.store_schema),
+        bootstrap,
+        TopicCatalogue(settings.topic_prefix),
+    )
+    _on_signals(relay.stop)
+    log.info("relay: store schema %s → %s", settings.store_schema, bootstrap)
+    try:
+        relay.run()
+    finally:
+        relay.close()
+        store.close()
+    return 0
+
+
+def run_projector(settings: Settings, which: str) -> int:
+    from projections.postgres.tables import PostgresReadModel
+    from projections.redis.dashboards import RedisReadModel
+    from streaming.consumer import Projector, ReadModel
+    from streaming.topics import TopicCatalogue
+
+    configure_logging(settings)
+    bootstrap = require_broker(settings)
+    store = open_store(settings)
+    model: ReadModel
+    if which == "postgres":
+        model = PostgresReadModel(settings.database_url, settings.read_schema)
+    else:
+        model = RedisReadModel(settings.redis_url, settings.redis_prefix)
+    projector = Projector(model, store, bootstrap, TopicCatalogue(settings.topic_prefix))
+    _on_signals(projector.stop)
+    log.info("projector %s: consuming %s as %s", which, bootstrap, projector.group)
+    try:
+        projector.run()
+    finally:
+        projector.close()
+        store.close()
+    return 0
+
+
+def gunicorn_argv(settings: Settings) -> list[str]:
+    return [
+        sys.executable, "-m", "gunicorn",
+        "--worker-class", "uvicorn.workers.UvicornWorker",
+        # One worker: it is the single writer of every job, block and spot.
+        "--workers", "1",
+        "--bind", f"{settings.host}:{settings.port}",
+        "--no-control-socket",
+        "--graceful-timeout", "10",
+        "--log-level", settings.log_level.lower(),
+        "service.web:app_factory()",
+    ]
+
+
+def run_api(settings: Settings) -> int:
+    os.execve(sys.executable, gunicorn_argv(settings), {**os.environ, **settings.environ()})
+
+
+class Supervisor:
+    """Runs the children of `tadpole up`, restarting any that dies, until stopped."""
+
+    def __init__(self, commands: dict[str, list[str]], env: dict[str, str]):
+        self.commands = commands
+        self.env = env
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        for name in self.commands:
+            self._spawn(name)
+
+    def _spawn(self, name: str) -> None:
+        self.children[name] = subprocess.Popen(self.commands[name], env=self.env)
+        log.info("started %s (pid %d)", name, self.children[name].pid)
+
+    def watch(self) -> None:
+        while not self.stopping.wait(0.5):
+            for name, child in list(self.children.items()):
+                code = child.poll()
+                if code is not None and not self.stopping.is_set():
+                    log.warning("%s exited with %s; restarting it", name, code)
+                    time.sleep(0.5)
+                    self._spawn(name)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for child in self.children.values():
+            if child.poll() is None:
+                child.terminate()
+        deadline = time.monotonic() + 15
+        for child in self.children.values():
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def run_up(settings: Settings) -> int:
+    """Everything in one process tree; the embedded broker when no Kafka is configured."""
+    from streaming.broker import EmbeddedBroker
+
+    configure_logging(settings)
+    broker: EmbeddedBroker | None = None
+    if not settings.kafka_bootstrap_servers:
+        print("starting the embedded Kafka-protocol broker (Tansu, memory-only)...", flush=True)
+        broker = EmbeddedBroker()
+        broker.start()
+        settings = settings.with_changes(kafka_bootstrap_servers=broker.bootstrap_servers)
+    open_store(settings).close()  # create the store's schema and tables once, up front
+    me = [sys.executable, "-m", "service.cli"]
+    supervisor = Supervisor(
+        {
+            "api": me + ["api"],
+            "relay": me + ["relay"],
+            "projector-postgres": me + ["project", "postgres"],
+            "projector-redis": me + ["project", "redis"],
+        },
+        {**os.environ, **settings.environ()},
+    )
+    _on_signals(supervisor.stopping.set)
+    supervisor.start()
+    print(
+        "\nTadpole is up (Ctrl-C stops everything):\n"
+        f"  API            http://{settings.host}:{settings.port}/api/v1/health\n"
+        f"  worker API     http://{settings.host}:{settings.port}/internal/v1/\n"
+        f"  event store    {settings.database_url} (schema {settings.store_schema})\n"
+        f"  read models    PostgreSQL schema {settings.read_schema}; "
+        f"Redis {settings.redis_url} (prefix {settings.redis_prefix})\n"
+        f"  Kafka          {settings.kafka_bootstrap_servers}"
+        f"{' (embedded, memory-only)' if broker else ''}, topics {settings.topic_prefix}.*\n",
+        flush=True,
+    )
+    try:
+        supervisor.watch()
+    finally:
+        print("stopping...", flush=True)
+        supervisor.stop()
+        if broker is not None:
+            broker.stop()
+        print("stopped", flush=True)
+    return 0

@@ -1,0 +1,47 @@
+"""The composition root: builds the store, views and processes from :class:`Settings`."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import unquote, urlparse
+
+import psycopg
+from psycopg import sql
+
+from domain.store import TadpoleStore
+from service.settings import Settings
+
+
+def store_env(settings: Settings) -> dict[str, str]:
+    """The ``eventsourcing`` settings for the PostgreSQL event store."""
+    url = urlparse(settings.database_url)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": unquote(url.path.lstrip("/")) or "postgres",
+        "POSTGRES_HOST": url.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(url.port or 5432),
+        "POSTGRES_USER": unquote(url.username or "postgres"),
+        "POSTGRES_PASSWORD": unquote(url.password or ""),
+        "POSTGRES_SCHEMA": settings.store_schema,
+        "POSTGRES_POOL_SIZE": "4",
+        "POSTGRES_CONNECT_TIMEOUT": "10",
+        "CREATE_TABLE": "y",
+    }
+
+
+def create_schema(conninfo: str, schema: str) -> None:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+
+
+def open_store(settings: Settings) -> TadpoleStore:
+    """The event store, its schema and tables created if missing."""
+    create_schema(settings.database_url, settings.store_schema)
+    return TadpoleStore(store_env(settings))
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )

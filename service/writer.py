@@ -1,0 +1,86 @@
+"""Group commit: the commands of concurrent requests become one store transaction.
+
+Request handlers ``await writer.submit(command)``. One task takes everything
+queued, has the :class:`~domain.commands.CommandProcessor` decide it and store
+it as one batch in a worker thread, then answers every handler. While a batch is
+being stored the next one gathers, so the batch grows with the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from uuid import UUID
+
+from domain.commands import Command, CommandProcessor, Result
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+
+
+class StoreUnavailableError(RuntimeError):
+    """The event store refused the batch; nothing of it was stored (503)."""
+
+
+class GroupCommitWriter:
+    def __init__(self, processor: CommandProcessor):
+        self.processor = processor
+        self._pending: list[tuple[Command, asyncio.Future[Result]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        #: Versions of the aggregates this writer stored, for read-your-writes.
+        self.versions: dict[UUID, int] = {}
+        self.batches = 0
+        self.commands = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="group-commit")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def submit(self, command: Command) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((command, future))
+        self._wake.set()
+        return await future
+
+    def known_versions(self, uuids: Iterable[UUID]) -> dict[UUID, int]:
+        return {u: self.versions[u] for u in uuids if u in self.versions}
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                await self._process(batch)
+
+    async def _process(self, batch: list[tuple[Command, asyncio.Future[Result]]]) -> None:
+        commands = [c for c, _ in batch]
+        try:
+            results, versions = await asyncio.to_thread(self._decide_and_store, commands)
+        except Exception as error:
+            log.exception("the event store refused a batch of %d commands", len(batch))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailableError(str(error)))
+            return
+        self.versions.update(versions)
+        self.batches += 1
+        self.commands += len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    def _decide_and_store(self, commands: list[Command]) -> tuple[list[Result], dict[UUID, int]]:
+        results = self.processor.process(commands, datetime.now(UTC))
+        return results, dict(self.processor.committed)

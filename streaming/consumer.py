@@ -1,0 +1,225 @@
+"""The projector: Kafka is the fast path into a read model, the event store the truth.
+
+A :class:`Projector` feeds one read model from its own consumer group. Every
+batch is applied idempotently (the read model records the version it applied per
+aggregate with the effect) and only then are the offsets committed. It catches
+up from the event store itself:
+
+* on start, before it trusts Kafka;
+* when an event arrives whose aggregate skipped a version (a gap): that
+  aggregate's missing events are read from the store;
+* every ``reconcile_interval`` seconds, reading the store's log after its last
+  catch-up, which is how it heals after a broker that came back empty;
+* when the read model lost its data (a Redis restart): rebuilt from the start.
+
+Bytes that do not decode go to the topic's dead-letter topic with the reason;
+the aggregate named by the message key is then re-read from the store, and the
+consumer carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Protocol
+from uuid import UUID
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer
+
+from domain.store import TadpoleStore
+from schemas.codec import Codec, DecodeError, EventMessage, message_from_event
+from streaming.topics import TopicCatalogue, consumer_config, ensure_topics, producer_config
+
+log = logging.getLogger(__name__)
+
+STORE_PAGE = 2000
+
+
+class ReadModel(Protocol):
+    name: str
+
+    def create(self) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def checkpoint(self) -> int: ...
+
+    def set_checkpoint(self, position: int) -> None: ...
+
+    def lost(self) -> bool: ...
+
+    def apply(self, messages: Sequence[EventMessage]) -> list[EventMessage]:
+        """Apply what is next per aggregate; return the messages that came after a gap."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class StoreReader:
+    """Reads events from the store in the form the read models apply."""
+
+    def __init__(self, store: TadpoleStore):
+        self.store = store
+
+    def after(self, position: int, limit: int = STORE_PAGE) -> list[EventMessage]:
+        return [
+            message_from_event(self.store.mapper.to_domain_event(n), n.id)
+            for n in self.store.notifications(position, limit)
+        ]
+
+    def aggregate(self, uuid: UUID, after_version: int) -> list[EventMessage]:
+        """An aggregate's events after a version (their store positions are unknown: 0)."""
+        events = self.store.events.get(uuid, gt=after_version)
+        return [message_from_event(e, 0) for e in events]
+
+
+class Projector:
+    """Feeds one read model from Kafka, healing from the store (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: ReadModel,
+        store: TadpoleStore,
+        bootstrap_servers: str,
+        catalogue: TopicCatalogue,
+        reconcile_interval: float = 2.0,
+    ):
+        self.model = model
+        self.reader = StoreReader(store)
+        self.bootstrap = bootstrap_servers
+        self.catalogue = catalogue
+        self.codec = Codec()
+        self.reconcile_interval = reconcile_interval
+        self.stopping = threading.Event()
+        self.group = f"{catalogue.prefix}.projector.{model.name}"
+        self.topics = [catalogue.workload, catalogue.agent_lifecycle]
+        self.consumer: Consumer | None = None
+        self._dlq: Producer | None = None
+        self.applied_from_kafka = 0
+        self.dead_lettered = 0
+
+    # ---- the store: the truth ------------------------------------------------------
+
+    def catch_up(self) -> int:
+        """Apply everything in the store after the read model's checkpoint."""
+        if self.model.lost():
+            log.warning("%s read model lost its data: rebuilding from the store", self.model.name)
+            self.model.reset()
+            self.model.set_checkpoint(0)
+        position = self.model.checkpoint()
+        while True:
+            page = self.reader.after(position)
+            if not page:
+                break
+            self._apply(page)
+            position = page[-1].position
+            self.model.set_checkpoint(position)
+            if len(page) < STORE_PAGE:
+                break
+        return position
+
+    def _apply(self, messages: Sequence[EventMessage]) -> None:
+        gaps = self.model.apply(messages)
+        for uuid in dict.fromkeys(m.aggregate_id for m in gaps):
+            self._heal(uuid)
+
+    def _heal(self, uuid: UUID) -> None:
+        """Apply an aggregate's events from the store until it has no gap."""
+        for _ in range(3):
+            missing = self.reader.aggregate(uuid, 0)
+            if not self.model.apply(missing):
+                return
+        log.error("%s: aggregate %s still has a gap after healing", self.model.name, uuid)
+
+    # ---- Kafka: the fast path ---------------------------------------------------------
+
+    def _connect(self) -> Consumer:
+        ensure_topics(self.bootstrap, self.catalogue)
+        consumer = Consumer(consumer_config(self.bootstrap, self.group))
+        consumer.subscribe(self.topics)
+        return consumer
+
+    def run(self) -> None:
+        """Catch up from the store, then consume until :meth:`stop`."""
+        self.model.create()
+        self.catch_up()
+        last_reconcile = time.monotonic()
+        while not self.stopping.is_set():
+            try:
+                if self.consumer is None:
+                    self.consumer = self._connect()
+                self.poll_once()
+            except Exception as error:  # the broker may vanish and come back empty
+                log.warning("%s: consumer trouble (%s); reconnecting", self.model.name, error)
+                self._drop_consumer()
+                self.stopping.wait(0.5)
+            if time.monotonic() - last_reconcile >= self.reconcile_interval:
+                self.catch_up()
+                last_reconcile = time.monotonic()
+
+    def poll_once(self, timeout: float = 0.05) -> int:
+        assert self.consumer is not None
+        raw = self.consumer.consume(num_messages=500, timeout=timeout)
+        if not raw:
+            return 0
+        messages: list[EventMessage] = []
+        for msg in raw:
+            error = msg.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("%s: consumer error %s", self.model.name, error)
+                continue
+            try:
+                messages.append(self.codec.decode(msg.value() or b""))
+            except DecodeError as bad:
+                self._dead_letter(msg, str(bad))
+        if messages:
+            self._apply(messages)
+            self.applied_from_kafka += len(messages)
+        self.consumer.commit(asynchronous=True)
+        return len(messages)
+
+    def _dead_letter(self, msg: Message, reason: str) -> None:
+        topic = msg.topic() or self.catalogue.workload
+        if self._dlq is None:
+            self._dlq = Producer(producer_config(self.bootstrap))
+        self._dlq.produce(
+            self.catalogue.dead_letter(topic),
+            key=msg.key(),
+            value=msg.value(),
+            headers={
+                "reason": reason,
+                "source.topic": topic,
+                "source.partition": str(msg.partition()),
+                "source.offset": str(msg.offset()),
+                "consumer.group": self.group,
+            },
+        )
+        self._dlq.flush(5)
+        self.dead_lettered += 1
+        log.warning("%s: dead-lettered %s[%s]@%s: %s", self.model.name, topic,
+                    msg.partition(), msg.offset(), reason)
+        try:
+            uuid = UUID((msg.key() or b"").decode())
+        except ValueError:
+            return  # no usable key: the periodic catch-up re-reads it from the store
+        self._heal(uuid)
+
+    def _drop_consumer(self) -> None:
+        if self.consumer is not None:
+            try:
+                self.consumer.close()
+            except Exception:  # closing a consumer of a vanished broker may fail too
+                log.debug("closing a broken consumer failed", exc_info=True)
+            self.consumer = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        self._drop_consumer()
+        if self._dlq is not None:
+            self._dlq.flush(5)
+        self.model.close()

@@ -1,0 +1,190 @@
+"""The relay: the only producer of domain events. Store → Avro → Kafka.
+
+It reads the store's notification log after its tracked position, produces each
+event with the idempotent producer (key = aggregate id, so an aggregate's events
+stay in order on one partition), waits for every delivery, and only then records
+the new position in PostgreSQL. Killed at any point, it re-sends at most the
+batch it was on; consumers ignore what they have already applied.
+
+A broker that comes back empty (the embedded one keeps nothing) is handled by
+creating the topics again; a producer in a fatal state is replaced. What the
+empty broker lost is not re-sent: the projections heal from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg
+from confluent_kafka import KafkaError, KafkaException, Producer
+from psycopg import sql
+
+from domain.store import TadpoleStore
+from schemas.codec import Codec, EventMessage, message_from_event
+from streaming.topics import TopicCatalogue, ensure_topics, producer_config
+
+log = logging.getLogger(__name__)
+
+BATCH = 1000
+
+
+def topic_for(catalogue: TopicCatalogue, message_type: str) -> str:
+    return catalogue.agent_lifecycle if message_type.startswith("Spot.") else catalogue.workload
+
+
+class RelayPosition:
+    """The relay's position in the notification log, in PostgreSQL."""
+
+    def __init__(self, conninfo: str, schema: str, name: str = "relay"):
+        self.conn = psycopg.connect(conninfo, autocommit=True)
+        self.table = sql.Identifier(schema, "relay_position")
+        self.name = name
+        self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        self.conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, position bigint NOT NULL)"
+            ).format(self.table)
+        )
+
+    def get(self) -> int:
+        row = self.conn.execute(
+            sql.SQL("SELECT position FROM {} WHERE name = %s").format(self.table), (self.name,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def set(self, position: int) -> None:
+        self.conn.execute(
+            sql.SQL(
+                "INSERT INTO {} VALUES (%s, %s) ON CONFLICT (name) "
+                "DO UPDATE SET position = EXCLUDED.position"
+            ).format(self.table),
+            (self.name, position),
+        )
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class DeliveryError(RuntimeError):
+    """The broker did not acknowledge every message of a batch."""
+
+    def __init__(self, errors: list[KafkaError]):
+        super().__init__(", ".join(e.str() for e in errors[:3]))
+        self.errors = errors
+
+
+class Relay:
+    """Moves events from the store to Kafka, at least once, in store order."""
+
+    def __init__(
+        self,
+        store: TadpoleStore,
+        position: RelayPosition,
+        bootstrap_servers: str,
+        catalogue: TopicCatalogue,
+        idle_wait: float = 0.005,
+    ):
+        self.store = store
+        self.position = position
+        self.bootstrap = bootstrap_servers
+        self.catalogue = catalogue
+        self.codec = Codec()
+        self.idle_wait = idle_wait
+        self.stopping = threading.Event()
+        self.producer = self._new_producer()
+        self.relayed = 0
+
+    def _new_producer(self) -> Producer:
+        ensure_topics(self.bootstrap, self.catalogue)
+        return Producer(producer_config(self.bootstrap))
+
+    def run(self, on_batch: Callable[[int], None] | None = None) -> None:
+        """Relay until :meth:`stop`; retries broker trouble with a growing pause."""
+        pause = 0.1
+        position = self.position.get()
+        log.info("relay starts after store position %d", position)
+        while not self.stopping.is_set():
+            try:
+                moved = self.relay_once(position)
+            except (DeliveryError, KafkaException) as error:
+                log.warning("relay: broker trouble (%s); retrying in %.1fs", error, pause)
+                self.stopping.wait(pause)
+                pause = min(pause * 2, 5.0)
+                self._recover(error)
+                continue
+            pause = 0.1
+            if moved:
+                position = moved
+                if on_batch:
+                    on_batch(position)
+            else:
+                self.stopping.wait(self.idle_wait)
+
+    def relay_once(self, after: int) -> int:
+        """Relay one batch after ``after``; return the new position (0: nothing new)."""
+        notifications = self.store.notifications(after, BATCH)
+        if not notifications:
+            return 0
+        errors: list[KafkaError] = []
+
+        def delivered(error: KafkaError | None, _msg: object) -> None:
+            if error is not None:
+                errors.append(error)
+
+        for n in notifications:
+            message = message_from_event(self.store.mapper.to_domain_event(n), n.id)
+            self._produce(message, delivered)
+        remaining = self.producer.flush(30)
+        if remaining or errors:
+            raise DeliveryError(errors or [KafkaError(KafkaError._MSG_TIMED_OUT)])
+        last = notifications[-1].id
+        self.position.set(last)
+        self.relayed += len(notifications)
+        return last
+
+    def _produce(self, message: EventMessage, delivered: Callable[..., None]) -> None:
+        value = self.codec.encode(message)
+        while True:
+            try:
+                self.producer.produce(
+                    topic_for(self.catalogue, message.type),
+                    key=str(message.aggregate_id).encode(),
+                    value=value,
+                    headers={"position": str(message.position), "type": message.type},
+                    on_delivery=delivered,
+                )
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def _recover(self, error: Exception) -> None:
+        """Recreate topics (an empty broker) and replace the producer if it is fatal."""
+        try:
+            fatal = isinstance(error, KafkaException) and error.args[0].fatal()
+            errors = error.errors if isinstance(error, DeliveryError) else []
+            fatal = fatal or any(e.fatal() for e in errors)
+            if fatal:
+                log.warning("relay: producer is in a fatal state; replacing it")
+            self.producer = self._new_producer() if fatal else self.producer
+            ensure_topics(self.bootstrap, self.catalogue)
+        except (KafkaException, RuntimeError) as again:
+            log.warning("relay: broker still unavailable: %s", again)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        self.producer.flush(5)
+        self.position.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
