@@ -22,13 +22,14 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, TypeAlias, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 from uuid import UUID, uuid4
 
 from eventsourcing.domain import Aggregate
 
 from domain.ids import (
     TaskRef,
+    block_id,
     UnknownIdError,
     job_for_key,
     job_id,
@@ -54,7 +55,9 @@ class EventStore(Protocol):
 
     def load(self, uuid: UUID) -> Aggregate | None: ...
 
-    def save(self, aggregates: Sequence[Aggregate]) -> None: ...
+    def save(self, events: Sequence[Any], snapshots: Sequence[Any]) -> None:
+        """Append ``events`` atomically (optimistic concurrency per aggregate version)."""
+        ...
 
     def ids_of(self, topics: Sequence[str]) -> list[UUID]:
         """Ids of the aggregates whose stored events include one of ``topics``."""
@@ -203,8 +206,6 @@ class CommandProcessor:
         self.last_seen: dict[UUID, float] = {}
         self._claimable: dict[UUID, None] = {}
         self._stale = True
-        #: Versions the last stored batch brought its aggregates to.
-        self.committed: dict[UUID, int] = {}
 
     # ---- state -------------------------------------------------------------------
 
@@ -250,7 +251,7 @@ class CommandProcessor:
         return job
 
     def block(self, job: Job, number: int) -> TaskBlock | None:
-        uuid = job.block_ids()[number]
+        uuid = block_id(job.id, number)
         block = self.blocks.get(uuid)
         if block is None:
             block = self._load(uuid, TaskBlock)
@@ -283,6 +284,16 @@ class CommandProcessor:
         Raises whatever the store raised if it refused the batch; then nothing was
         stored and the processor reloads before its next batch.
         """
+        decided = self.decide(commands, now)
+        self.store_decided(decided)
+        return decided.results
+
+    def decide(self, commands: Sequence[Command], now: datetime) -> Decided:
+        """Decide a batch against the state so far, including batches not yet stored.
+
+        The batch's events are taken out of the aggregates here, so storing them
+        (:meth:`store_decided`) may overlap with deciding the next batch.
+        """
         if self._stale:
             self.recover(now)
         batch = _Batch(self, now)
@@ -299,15 +310,51 @@ class CommandProcessor:
             if kinds[0] is CompleteTask:
                 batch.record_finishes()
         batch.record_claims()
-        changed = [a for a in batch.touched.values() if a.pending_events]
-        if changed:
-            try:
-                self.store.save(changed)
-            except BaseException:
-                self._stale = True
-                raise
+        events: list[Any] = []
+        snapshots: list[Any] = []
+        for aggregate in batch.touched.values():
+            new = aggregate.collect_events()
+            events.extend(new)
+            if new and _crossed_snapshot(new[0].originator_version, aggregate.version):
+                snapshots.append(Aggregate.Snapshot.take(aggregate))
         batch.commit()
-        return [r if r is not None else Ok() for r in results]
+        return Decided(
+            results=[r if r is not None else Ok() for r in results],
+            events=events,
+            snapshots=snapshots,
+            versions={a.id: a.version for a in batch.touched.values()},
+        )
+
+    def store_decided(self, decided: Decided) -> None:
+        """Store a decided batch; if the store refuses, reload before the next batch."""
+        if not decided.events:
+            return
+        try:
+            self.store.save(decided.events, decided.snapshots)
+        except BaseException:
+            self._stale = True
+            raise
+
+    def fail_pending(self) -> None:
+        """A batch decided earlier was not stored: what was decided since is void."""
+        self._stale = True
+
+
+SNAPSHOT_INTERVAL = 100
+
+
+def _crossed_snapshot(first_new_version: int, version: int) -> bool:
+    return version // SNAPSHOT_INTERVAL > (first_new_version - 1) // SNAPSHOT_INTERVAL
+
+
+@dataclass
+class Decided:
+    """A decided batch: the answers, and what must be stored before they are sent."""
+
+    results: list[Result]
+    events: list[Any]
+    snapshots: list[Any]
+    versions: dict[UUID, int]
 
 
 class _Batch:
@@ -514,7 +561,6 @@ class _Batch:
     # ---- after the store accepted the batch ------------------------------------------
 
     def commit(self) -> None:
-        self.p.committed = {a.id: a.version for a in self.touched.values()}
         for aggregate in self.touched.values():
             if isinstance(aggregate, Job):
                 self.p.jobs[aggregate.id] = aggregate

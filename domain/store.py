@@ -6,30 +6,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
+from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import Notification
-
-from domain.jobs import Job
-from domain.spots import Spot
-from domain.tasks import TaskBlock
-
-SNAPSHOT_INTERVAL = 100
 
 
 class TadpoleStore(Application[UUID]):
     """Append-only store of every job, task block and spot event.
 
-    Snapshots are taken every :data:`SNAPSHOT_INTERVAL` events of an aggregate,
-    from the aggregate the writer already holds, so taking one costs no read.
+    Snapshots are enabled; the command processor takes them every
+    ``SNAPSHOT_INTERVAL`` events of an aggregate from the aggregate it holds, so
+    taking one costs no read.
     """
 
     name = "Tadpole"
-    snapshotting_intervals = {  # noqa: RUF012 - the library's class attribute
-        Job: SNAPSHOT_INTERVAL,
-        TaskBlock: SNAPSHOT_INTERVAL,
-        Spot: SNAPSHOT_INTERVAL,
-    }
+    is_snapshotting_enabled = True
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         super().__init__(env=dict(env or {}))
@@ -47,12 +38,9 @@ class TadpoleStore(Application[UUID]):
         """Every stored event of an aggregate, oldest first (snapshots aside)."""
         return list(self.events.get(uuid))
 
-    def save_all(self, aggregates: Sequence[Aggregate]) -> int:
-        """Store every pending event of ``aggregates`` in one transaction.
-
-        Returns the notification id of the last event stored.
-        """
-        recordings = self.save(*aggregates)
+    def save_all(self, events: Sequence[Any]) -> int:
+        """Store ``events`` in one transaction; the notification id of the last one."""
+        recordings = self.save(*events)
         return recordings[-1].notification.id if recordings else 0
 
     def ids_of(self, topics: Sequence[str]) -> list[UUID]:
@@ -71,24 +59,6 @@ class TadpoleStore(Application[UUID]):
     def max_position(self) -> int:
         return self.recorder.max_notification_id() or 0
 
-    def _take_snapshots(self, processing_event: ProcessingEvent[UUID]) -> None:
-        if self.snapshots is None:
-            return
-        snapshots = []
-        for aggregate in processing_event.aggregates.values():
-            versions = [
-                e.originator_version
-                for e in processing_event.events
-                if e.originator_id == aggregate.id
-            ]
-            crossed = {v // SNAPSHOT_INTERVAL for v in versions} - {
-                (min(versions) - 1) // SNAPSHOT_INTERVAL
-            }
-            if versions and crossed and isinstance(aggregate, Aggregate):
-                snapshots.append(Aggregate.Snapshot.take(aggregate))
-        if snapshots:
-            self.snapshots.put(snapshots)
-
 
 class StorePort:
     """Adapts :class:`TadpoleStore` to :class:`domain.commands.EventStore`."""
@@ -100,8 +70,10 @@ class StorePort:
     def load(self, uuid: UUID) -> Aggregate | None:
         return self.store.load(uuid)
 
-    def save(self, aggregates: Sequence[Aggregate]) -> None:
-        self.last_position = self.store.save_all(aggregates)
+    def save(self, events: Sequence[Any], snapshots: Sequence[Any]) -> None:
+        self.last_position = self.store.save_all(events)
+        if snapshots and self.store.snapshots is not None:
+            self.store.snapshots.put(list(snapshots))
 
     def ids_of(self, topics: Sequence[str]) -> list[UUID]:
         return self.store.ids_of(topics)

@@ -124,6 +124,11 @@ class TaskBlock(Aggregate):
         self.fences = [0] * count
         self.holders: list[str | None] = [None] * count
         self.claimed_at: list[float | None] = [None] * count
+        #: How many tasks are NEW, and the lowest offset that may be NEW.
+        self.new = count
+        self.new_from = 0
+        #: How many tasks are not yet DONE or FAILED.
+        self.open = count
 
     @classmethod
     def create(
@@ -155,15 +160,16 @@ class TaskBlock(Aggregate):
         )
 
     def new_count(self) -> int:
-        return self.status.count(NEW)
+        return self.new
 
     def is_finished(self) -> bool:
-        return all(s in TERMINAL for s in self.status)
+        return self.open == 0
 
     def new_indexes(self, limit: int, skip: set[int]) -> list[int]:
         picked: list[int] = []
-        for o, s in enumerate(self.status):
-            if s == NEW and self.first + o not in skip:
+        status = self.status
+        for o in range(self.new_from, self.count):
+            if status[o] == NEW and self.first + o not in skip:
                 picked.append(self.first + o)
                 if len(picked) == limit:
                     break
@@ -217,6 +223,9 @@ class TaskBlock(Aggregate):
                 block.fences[o] = fence
                 block.attempts[o] = attempt
                 block.claimed_at[o] = at
+            block.new -= len(self.indexes)
+            while block.new_from < block.count and block.status[block.new_from] != NEW:
+                block.new_from += 1
 
     def complete(self, items: list[Completion], at: datetime) -> None:
         self._check_held([(c.index, c.holder) for c in items])
@@ -301,6 +310,11 @@ class TaskBlock(Aggregate):
         self.status[o] = status
         self.holders[o] = None
         self.claimed_at[o] = None
+        if status == NEW:
+            self.new += 1
+            self.new_from = min(self.new_from, o)
+        else:
+            self.open -= 1
 
     def _check_held(self, pairs: list[tuple[int, str]]) -> None:
         for index, holder in pairs:

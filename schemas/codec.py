@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -23,6 +23,7 @@ from schemas.events import AVRO_DIR, EVENT_CLASSES, event_fields, event_type
 MARKER = b"\xc3\x01"
 SOURCE_SYSTEM = "tadpole"
 SCHEMA_VERSION = "1"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class DecodeError(ValueError):
@@ -91,7 +92,7 @@ class Codec:
             "message_id": message.message_id,
             "correlation_id": message.correlation_id,
             "causation_id": None,
-            "timestamp": int(message.timestamp.timestamp() * 1_000_000) * 1000,
+            "timestamp": (message.timestamp - EPOCH) // timedelta(microseconds=1) * 1000,
             "source_system": SOURCE_SYSTEM,
             "destination_system": None,
             "message_type": message.type,
@@ -127,7 +128,7 @@ class Codec:
                 aggregate_id=UUID(envelope["aggregate_id"]),
                 version=envelope["aggregate_version"],
                 position=envelope["position"],
-                timestamp=datetime.fromtimestamp(envelope["timestamp"] / 1e9).astimezone(),
+                timestamp=EPOCH + timedelta(microseconds=envelope["timestamp"] // 1000),
                 data=record,
                 message_id=envelope["message_id"],
                 correlation_id=envelope["correlation_id"],

@@ -60,7 +60,7 @@ def run_relay(settings: Settings) -> int:
 
 def run_projector(settings: Settings, which: str) -> int:
     from projections.postgres.tables import PostgresReadModel
-    from projections.redis.dashboards import RedisReadModel
+    from projections.redis.dashboards import LagSamples, RedisReadModel
     from streaming.consumer import Projector, ReadModel
     from streaming.topics import TopicCatalogue
 
@@ -72,7 +72,13 @@ def run_projector(settings: Settings, which: str) -> int:
         model = PostgresReadModel(settings.database_url, settings.read_schema)
     else:
         model = RedisReadModel(settings.redis_url, settings.redis_prefix)
-    projector = Projector(model, store, bootstrap, TopicCatalogue(settings.topic_prefix))
+    projector = Projector(
+        model,
+        store,
+        bootstrap,
+        TopicCatalogue(settings.topic_prefix),
+        lag=LagSamples(settings.redis_url, settings.redis_prefix, which),
+    )
     _on_signals(projector.stop)
     log.info("projector %s: consuming %s as %s", which, bootstrap, projector.group)
     try:

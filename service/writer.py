@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from uuid import UUID
 
-from domain.commands import Command, CommandProcessor, Result
+from domain.commands import Command, CommandProcessor, Decided, Result
 
 log = logging.getLogger(__name__)
 
@@ -56,31 +56,56 @@ class GroupCommitWriter:
         return {u: self.versions[u] for u in uuids if u in self.versions}
 
     async def _run(self) -> None:
+        saving: asyncio.Task[bool] | None = None
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
-                await self._process(batch)
+                try:
+                    decided = await asyncio.to_thread(
+                        self.processor.decide, [c for c, _ in batch], datetime.now(UTC)
+                    )
+                except Exception as error:
+                    log.exception("deciding a batch failed")
+                    self._fail(batch, error)
+                    continue
+                previous = saving
+                saving = asyncio.get_running_loop().create_task(
+                    self._store(previous, batch, decided)
+                )
+                # Two batches in flight at most: this one deciding, the last one saving.
+                if previous is not None:
+                    await asyncio.wait([previous])
 
-    async def _process(self, batch: list[tuple[Command, asyncio.Future[Result]]]) -> None:
-        commands = [c for c, _ in batch]
+    async def _store(
+        self,
+        previous: asyncio.Task[bool] | None,
+        batch: list[tuple[Command, asyncio.Future[Result]]],
+        decided: Decided,
+    ) -> bool:
+        if previous is not None and not await previous:
+            # This batch was decided on top of one the store refused: it is void.
+            self.processor.fail_pending()
+            self._fail(batch, RuntimeError("an earlier batch was not stored"))
+            return False
         try:
-            results, versions = await asyncio.to_thread(self._decide_and_store, commands)
+            await asyncio.to_thread(self.processor.store_decided, decided)
         except Exception as error:
             log.exception("the event store refused a batch of %d commands", len(batch))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailableError(str(error)))
-            return
-        self.versions.update(versions)
+            self._fail(batch, error)
+            return False
+        self.versions.update(decided.versions)
         self.batches += 1
         self.commands += len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future), result in zip(batch, decided.results, strict=True):
             if not future.done():
                 future.set_result(result)
+        return True
 
-    def _decide_and_store(self, commands: list[Command]) -> tuple[list[Result], dict[UUID, int]]:
-        results = self.processor.process(commands, datetime.now(UTC))
-        return results, dict(self.processor.committed)
+    @staticmethod
+    def _fail(batch: list[tuple[Command, asyncio.Future[Result]]], error: Exception) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(StoreUnavailableError(str(error)))

@@ -57,6 +57,12 @@ class ReadModel(Protocol):
     def close(self) -> None: ...
 
 
+class LagRecorder(Protocol):
+    def record(self, messages: Sequence[EventMessage]) -> None:
+        """Note how long ago each just-applied event was created."""
+        ...
+
+
 class StoreReader:
     """Reads events from the store in the form the read models apply."""
 
@@ -85,6 +91,7 @@ class Projector:
         bootstrap_servers: str,
         catalogue: TopicCatalogue,
         reconcile_interval: float = 2.0,
+        lag: LagRecorder | None = None,
     ):
         self.model = model
         self.reader = StoreReader(store)
@@ -99,6 +106,7 @@ class Projector:
         self._dlq: Producer | None = None
         self.applied_from_kafka = 0
         self.dead_lettered = 0
+        self.lag = lag
 
     # ---- the store: the truth ------------------------------------------------------
 
@@ -165,12 +173,14 @@ class Projector:
         if not raw:
             return 0
         messages: list[EventMessage] = []
+        consumed = 0
         for msg in raw:
             error = msg.error()
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("%s: consumer error %s", self.model.name, error)
                 continue
+            consumed += 1
             try:
                 messages.append(self.codec.decode(msg.value() or b""))
             except DecodeError as bad:
@@ -178,7 +188,10 @@ class Projector:
         if messages:
             self._apply(messages)
             self.applied_from_kafka += len(messages)
-        self.consumer.commit(asynchronous=True)
+            if self.lag is not None:
+                self.lag.record(messages)
+        if consumed:
+            self.consumer.commit(asynchronous=True)
         return len(messages)
 
     def _dead_letter(self, msg: Message, reason: str) -> None:

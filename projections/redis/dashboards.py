@@ -10,6 +10,7 @@ runner rebuilds it from the event store.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -115,6 +116,27 @@ def _moves(counts: str, job: str, moves: dict[str, int]) -> list[Op]:
     return ops
 
 
+class LagSamples:
+    """Recent event-created → read-model-applied lags (ms), kept in a capped Redis list.
+
+    The benchmark reads them for its p50/p99; operators can too.
+    """
+
+    KEEP = 20000
+
+    def __init__(self, url: str, prefix: str, model: str):
+        self.client: redis.Redis = redis.Redis.from_url(url, protocol=2)
+        self.key = f"{prefix}:metrics:lag_ms:{model}"
+
+    def record(self, messages: Sequence[EventMessage]) -> None:
+        now = datetime.now(UTC)
+        lags = [round((now - m.timestamp).total_seconds() * 1000, 3) for m in messages]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.lpush(self.key, *lags)
+        pipe.ltrim(self.key, 0, self.KEEP - 1)
+        pipe.execute()
+
+
 class RedisReadModel:
     """Applies events to the Redis dashboards under ``prefix``."""
 
@@ -163,7 +185,7 @@ class RedisReadModel:
         for name in self.client.scan_iter(match=f"{self.keys.prefix}:*", count=1000):
             key = name.decode()
             short = key[len(self.keys.prefix) :]
-            if short in (":meta",):
+            if short == ":meta" or short.startswith(":metrics:"):
                 continue
             kind = self.client.type(name).decode()
             if kind == "hash":

@@ -1,0 +1,174 @@
+"""Drive Tadpole's seed 003 worker API the way a fleet of spots would.
+
+Jobs are created first (their rate reported apart); then ``--workers`` spots,
+each a keep-alive asyncio client, loop: claim up to ``--claim`` tasks, complete
+each one with its own request; every spot heartbeats every 3 s. The clock runs
+from the first claim until every task is completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+
+@dataclass
+class Counters:
+    completed: int = 0
+    claims: int = 0
+    empty_claims: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+def sweep(tasks: int) -> dict[str, Any]:
+    """A sweep of exactly ``tasks`` tasks (one algorithm, one agents value, one dimension)."""
+    return {
+        "jarPath": "/bench/noop.jar",
+        "mainClass": "bench.Noop",
+        "algorithms": ["NOOP"],
+        "iterations": {"min": 1, "max": tasks, "step": 1},
+        "agents": {"min": 1, "max": 1, "step": 1},
+        "dimension": {"min": 1, "max": 1, "step": 1},
+    }
+
+
+async def create_jobs(
+    session: aiohttp.ClientSession, base: str, tasks: int, per_job: int
+) -> tuple[list[str], float]:
+    jobs: list[str] = []
+    started = time.perf_counter()
+    remaining = tasks
+    while remaining:
+        n = min(per_job, remaining)
+        async with session.post(f"{base}/api/v1/jobs", json=sweep(n)) as resp:
+            body = await resp.json()
+            if resp.status != 201:
+                raise SystemExit(f"job creation failed: {resp.status} {body}")
+            jobs.append(body["jobId"])
+        remaining -= n
+    return jobs, time.perf_counter() - started
+
+
+async def spot(
+    session: aiohttp.ClientSession, base: str, claim: int, total: int, c: Counters,
+    done: asyncio.Event,
+) -> None:
+    async with session.post(f"{base}/internal/v1/hello", json={"ipAddress": "127.0.0.1"}) as r:
+        spot_id = (await r.json())["spotId"]
+
+    async def heartbeat() -> None:
+        while not done.is_set():
+            body = {"spotId": spot_id, "ipAddress": "127.0.0.1", "cpuLoad": 1.0,
+                    "runningTasks": 0, "totalCores": 2}
+            async with session.post(f"{base}/internal/v1/heartbeat", json=body) as r:
+                await r.read()
+            await asyncio.sleep(3)
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        while not done.is_set():
+            t0 = time.perf_counter()
+            async with session.post(
+                f"{base}/internal/v1/tasks/claim", json={"spotId": spot_id, "maxTasks": claim}
+            ) as r:
+                tasks = (await r.json())["tasks"]
+            c.latencies_ms.append((time.perf_counter() - t0) * 1000)
+            c.claims += 1
+            if not tasks:
+                c.empty_claims += 1
+                await asyncio.sleep(0.01)
+                continue
+            for task in tasks:
+                body = {"spotId": spot_id, "runtimeMs": 0, "iter": 1, "fopt": 0.0,
+                        "fenceToken": task["fenceToken"]}
+                t0 = time.perf_counter()
+                async with session.post(
+                    f"{base}/internal/v1/tasks/{task['id']}/complete", json=body
+                ) as r:
+                    answer = await r.json()
+                c.latencies_ms.append((time.perf_counter() - t0) * 1000)
+                if r.status != 200 or answer.get("message"):
+                    c.errors += 1
+                else:
+                    c.completed += 1
+                    if c.completed >= total:
+                        done.set()
+    finally:
+        beat.cancel()
+
+
+async def progress(c: Counters, total: int, done: asyncio.Event) -> None:
+    started = time.perf_counter()
+    while not done.is_set():
+        await asyncio.sleep(1)
+        rate = c.completed / (time.perf_counter() - started)
+        print(f"  {c.completed}/{total} tasks completed ({rate:,.0f}/s)", file=sys.stderr)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run(base: str, tasks: int, workers: int, claim: int, per_job: int) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=workers * 2 + 4)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        jobs, create_s = await create_jobs(session, base, tasks, per_job)
+        c = Counters()
+        done = asyncio.Event()
+        started = time.perf_counter()
+        watcher = asyncio.create_task(progress(c, tasks, done))
+        await asyncio.wait_for(
+            asyncio.gather(*(spot(session, base, claim, tasks, c, done) for _ in range(workers))),
+            timeout=900,
+        )
+        elapsed = time.perf_counter() - started
+        watcher.cancel()
+        statuses = []
+        for job in jobs:
+            async with session.get(f"{base}/api/v1/jobs/{job}") as r:
+                statuses.append((await r.json()).get("status", "?"))
+    return {
+        "peer": "tadpole",
+        "tasks": tasks,
+        "completed": c.completed,
+        "workers": workers,
+        "claim_size": claim,
+        "jobs": len(jobs),
+        "job_create_seconds": round(create_s, 3),
+        "job_create_tasks_per_s": round(tasks / create_s, 1),
+        "drain_seconds": round(elapsed, 3),
+        "drain_per_s": round(c.completed / elapsed, 1),
+        "claims": c.claims,
+        "empty_claims": c.empty_claims,
+        "refused_completes": c.errors,
+        "request_p50_ms": round(percentile(c.latencies_ms, 0.5), 2),
+        "request_p99_ms": round(percentile(c.latencies_ms, 0.99), 2),
+        "jobs_done": statuses.count("DONE"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base", default="http://127.0.0.1:8080")
+    parser.add_argument("--tasks", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=24)
+    parser.add_argument("--claim", type=int, default=5)
+    parser.add_argument("--per-job", type=int, default=10000)
+    args = parser.parse_args()
+    result = asyncio.run(run(args.base, args.tasks, args.workers, args.claim, args.per_job))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
