@@ -74,7 +74,7 @@ class RedisViews:
             "totalTasks": total,
             "completedTasks": done,
             "failedTasks": failed,
-            "createdAt": data["created_at"],
+            "createdAt": data["created_at"].replace("+00:00", "Z"),
         }
 
     async def counts(self) -> dict[str, int]:

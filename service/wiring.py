@@ -29,15 +29,26 @@ def store_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def create_schema(conninfo: str, schema: str) -> None:
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+SCHEMA_LOCK = 0x7AD9001  # advisory lock: one process at a time creates tables
 
 
 def open_store(settings: Settings) -> TadpoleStore:
-    """The event store, its schema and tables created if missing."""
-    create_schema(settings.database_url, settings.store_schema)
-    return TadpoleStore(store_env(settings))
+    """The event store, its schema and tables created if missing.
+
+    Processes start together; PostgreSQL refuses concurrent DDL on the same
+    objects ("tuple concurrently updated"), so creation is serialised.
+    """
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+        try:
+            conn.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                    sql.Identifier(settings.store_schema)
+                )
+            )
+            return TadpoleStore(store_env(settings))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
 
 
 def configure_logging(settings: Settings) -> None:

@@ -10,6 +10,7 @@ up from the event store itself:
   aggregate's missing events are read from the store;
 * every ``reconcile_interval`` seconds, reading the store's log after its last
   catch-up, which is how it heals after a broker that came back empty;
+* continuously while the consumer group has not assigned it partitions yet;
 * when the read model lost its data (a Redis restart): rebuilt from the start.
 
 Bytes that do not decode go to the topic's dead-letter topic with the reason;
@@ -163,7 +164,10 @@ class Projector:
                 log.warning("%s: consumer trouble (%s); reconnecting", self.model.name, error)
                 self._drop_consumer()
                 self.stopping.wait(0.5)
-            if time.monotonic() - last_reconcile >= self.reconcile_interval:
+            # Until the group has given us partitions (about 3 s after a start or a
+            # rebalance), the store is the only way to keep the lag small.
+            unassigned = self.consumer is None or not self.consumer.assignment()
+            if unassigned or time.monotonic() - last_reconcile >= self.reconcile_interval:
                 self.catch_up()
                 last_reconcile = time.monotonic()
 

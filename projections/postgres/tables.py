@@ -94,6 +94,7 @@ class PostgresReadModel:
 
     def create(self) -> None:
         with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x7AD9002,))
             self.conn.execute(self.q(DDL))
 
     def reset(self) -> None:

@@ -1,0 +1,388 @@
+"""The topic catalogue, topic creation, and the producer and consumer settings.
+
+Tadpole uses two topics per deployment, named from a prefix (``tadpole`` unless
+configured), each with a dead-letter topic for messages that cannot be decoded:
+
+==============================  ==========  ======================================
+topic                           partitions  carries
+==============================  ==========  ======================================
+``{prefix}.workload``           6           job and task events
+``{prefix}.agent_lifecycle``    4           spot (agent) events
+``{topic}.dlq``                 1           undecodable messages of ``{topic}``
+==============================  ==========  ======================================
+
+Events are keyed by aggregate id, so one aggregate's events share a partition
+and keep their order. :func:`ensure_topics` creates whatever is missing and is
+safe to call at any time, e.g. after the embedded broker came back empty.
+
+:func:`producer_config` and :func:`consumer_config` are the client settings,
+checked against Tansu 0.6.0 (``tests/integration/test_broker.py``). Two of its
+traits drive them: it auto-creates unknown topics with 4 partitions unless the
+client opts out (all configs here send ``allow.auto.create.topics=false``, so
+only :func:`ensure_topics` creates topics, with the right partition counts), and
+a fetch that finds nothing waits the full ``fetch.wait.max.ms`` instead of being
+woken by new data, so that setting is kept small for low lag.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+log = logging.getLogger(__name__)
+
+ConfigValue = str | int | float | bool
+"""A librdkafka configuration value."""
+
+WORKLOAD_PARTITIONS: Final = 6
+AGENT_LIFECYCLE_PARTITIONS: Final = 4
+DEAD_LETTER_PARTITIONS: Final = 1
+DEAD_LETTER_SUFFIX: Final = ".dlq"
+
+WORKLOAD_RETENTION_MS: Final = 7 * 24 * 3600 * 1000  # 604800000
+AGENT_LIFECYCLE_RETENTION_MS: Final = 14 * 24 * 3600 * 1000  # 1209600000
+DEAD_LETTER_RETENTION_MS: Final = AGENT_LIFECYCLE_RETENTION_MS
+"""Dead letters wait for a human, so they are kept as long as the longest topic."""
+
+COMPRESSION: Final = "lz4"
+"""Tansu stores and serves lz4 batches as they are (checked end to end)."""
+
+_LEGAL_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_MAX_NAME = 249 - len(".agent_lifecycle") - len(DEAD_LETTER_SUFFIX)
+
+# errors that mean "the broker does not like this topic config": retried without it
+_CONFIG_ERRORS: Final = frozenset(
+    {
+        KafkaError.INVALID_CONFIG,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError.UNSUPPORTED_VERSION,
+        KafkaError.INVALID_REQUEST,
+    }
+)
+
+
+class TopicError(RuntimeError):
+    """Topics could not be listed or created.
+
+    Attributes:
+        topic: The topic concerned, or ``None`` when the broker was not reachable.
+        error: The client's error, when there was one.
+    """
+
+    def __init__(self, message: str, topic: str | None = None, error: KafkaError | None = None):
+        super().__init__(message)
+        self.topic = topic
+        self.error = error
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic as :func:`ensure_topics` creates it.
+
+    Attributes:
+        name: The topic's name.
+        partitions: Its number of partitions.
+        config: Topic configs to seed it with (as strings, as Kafka wants them).
+    """
+
+    name: str
+    partitions: int
+    config: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TopicCatalogue:
+    """The names of a deployment's topics, derived from one prefix.
+
+    Args:
+        prefix: The first segment of every topic name; letters, digits, ``.``,
+            ``_`` and ``-`` only.
+
+    Raises:
+        ValueError: If the prefix is empty, too long or has other characters.
+    """
+
+    prefix: str = "tadpole"
+
+    def __post_init__(self) -> None:
+        if not _LEGAL_NAME.fullmatch(self.prefix) or len(self.prefix) > _MAX_NAME:
+            raise ValueError(
+                f"topic prefix {self.prefix!r} must be 1-{_MAX_NAME} characters "
+                "of A-Z, a-z, 0-9, '.', '_' and '-'"
+            )
+
+    @property
+    def workload(self) -> str:
+        """Job and task events, keyed by aggregate id (6 partitions)."""
+        return f"{self.prefix}.workload"
+
+    @property
+    def agent_lifecycle(self) -> str:
+        """Spot (agent) events, keyed by aggregate id (4 partitions)."""
+        return f"{self.prefix}.agent_lifecycle"
+
+    @property
+    def event_topics(self) -> tuple[str, str]:
+        """The topics domain events go to: workload and agent lifecycle."""
+        return (self.workload, self.agent_lifecycle)
+
+    def dead_letter(self, topic: str) -> str:
+        """The dead-letter topic of ``topic`` (1 partition).
+
+        Args:
+            topic: A topic of this catalogue, e.g. :attr:`workload`.
+
+        Returns:
+            ``f"{topic}.dlq"``.
+        """
+        return f"{topic}{DEAD_LETTER_SUFFIX}"
+
+    @property
+    def all_topics(self) -> tuple[str, ...]:
+        """Every topic of the catalogue: the event topics, then their dead letters."""
+        return tuple(spec.name for spec in self.specs())
+
+    def specs(self) -> tuple[TopicSpec, ...]:
+        """Every topic of the catalogue with its partitions and seed configs."""
+
+        def config(retention_ms: int) -> dict[str, str]:
+            return {"retention.ms": str(retention_ms), "cleanup.policy": "delete"}
+
+        dead_letter = config(DEAD_LETTER_RETENTION_MS)
+        return (
+            TopicSpec(self.workload, WORKLOAD_PARTITIONS, config(WORKLOAD_RETENTION_MS)),
+            TopicSpec(
+                self.agent_lifecycle,
+                AGENT_LIFECYCLE_PARTITIONS,
+                config(AGENT_LIFECYCLE_RETENTION_MS),
+            ),
+            TopicSpec(self.dead_letter(self.workload), DEAD_LETTER_PARTITIONS, dead_letter),
+            TopicSpec(self.dead_letter(self.agent_lifecycle), DEAD_LETTER_PARTITIONS, dead_letter),
+        )
+
+
+def ensure_topics(
+    bootstrap_servers: str, catalogue: TopicCatalogue, timeout: float = 10.0
+) -> None:
+    """Create every topic of ``catalogue`` that the broker does not have.
+
+    Idempotent and safe to race with other processes doing the same: a topic
+    that exists already (``TOPIC_ALREADY_EXISTS``) is fine. Topics are created
+    with the catalogue's partition counts, the broker's default replication
+    factor and the seed configs; if the broker rejects the configs the topic is
+    created without them (and a warning logged). A topic that exists with other
+    partition counts is left alone with a warning (keys still keep their order).
+    Returns once the broker's metadata shows every topic with all its partitions.
+
+    Args:
+        bootstrap_servers: The brokers, ``host:port[,host:port...]``.
+        catalogue: The topics to ensure.
+        timeout: Seconds for the whole operation.
+
+    Raises:
+        TopicError: If the broker cannot be reached, refuses to create a topic,
+            or the topics do not show up within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    admin = AdminClient(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "allow.auto.create.topics": False,
+            "socket.connection.setup.timeout.ms": max(1000, int(timeout * 1000)),
+        }
+    )
+    specs = {spec.name: spec for spec in catalogue.specs()}
+    present = _partition_counts(admin, list(specs), deadline, bootstrap_servers)
+    for name, count in present.items():
+        if count != specs[name].partitions:
+            log.warning(
+                "topic %s has %d partitions, not %d; leaving it as it is",
+                name, count, specs[name].partitions,
+            )
+    missing = [spec for name, spec in specs.items() if name not in present]
+    if not missing:
+        return
+    rejected = _create(admin, missing, deadline, with_config=True)
+    if rejected:
+        log.warning(
+            "the broker rejected the seed configs of %s; creating them without",
+            ", ".join(spec.name for spec in rejected),
+        )
+        _create(admin, rejected, deadline, with_config=False)
+    _await_topics(admin, missing, deadline, bootstrap_servers)
+    log.info("created topics %s", ", ".join(spec.name for spec in missing))
+
+
+def _remaining(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.1)
+
+
+def _partition_counts(
+    admin: AdminClient, names: list[str], deadline: float, bootstrap_servers: str
+) -> dict[str, int]:
+    """The partition counts of those of ``names`` that exist."""
+    try:
+        metadata = admin.list_topics(timeout=_remaining(deadline))
+    except KafkaException as error:
+        kafka_error = error.args[0] if error.args else None
+        raise TopicError(
+            f"cannot list the topics of {bootstrap_servers}: {error}",
+            error=kafka_error if isinstance(kafka_error, KafkaError) else None,
+        ) from error
+    return {
+        name: len(metadata.topics[name].partitions)
+        for name in names
+        if name in metadata.topics and metadata.topics[name].error is None
+    }
+
+
+def _create(
+    admin: AdminClient, specs: list[TopicSpec], deadline: float, *, with_config: bool
+) -> list[TopicSpec]:
+    """Create ``specs``; return those whose configs were rejected (if ``with_config``)."""
+    new_topics = [
+        NewTopic(
+            spec.name,
+            num_partitions=spec.partitions,
+            replication_factor=-1,  # the broker's default
+            config=dict(spec.config) if with_config else {},
+        )
+        for spec in specs
+    ]
+    timeout = _remaining(deadline)
+    futures = admin.create_topics(
+        new_topics, operation_timeout=timeout, request_timeout=timeout
+    )
+    rejected: list[TopicSpec] = []
+    for spec in specs:
+        try:
+            futures[spec.name].result(timeout=_remaining(deadline))
+        except KafkaException as failure:
+            error = failure.args[0] if failure.args else None
+            if not isinstance(error, KafkaError):
+                raise TopicError(f"cannot create topic {spec.name}: {failure}", spec.name) from None
+            if error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue  # someone else was quicker
+            if with_config and spec.config and error.code() in _CONFIG_ERRORS:
+                rejected.append(spec)
+                continue
+            raise TopicError(
+                f"cannot create topic {spec.name}: {error.name()}: {error.str()}", spec.name, error
+            ) from None
+        except TimeoutError:
+            raise TopicError(f"creating topic {spec.name} timed out", spec.name) from None
+    return rejected
+
+
+def _await_topics(
+    admin: AdminClient, specs: list[TopicSpec], deadline: float, bootstrap_servers: str
+) -> None:
+    """Wait until the metadata shows every topic of ``specs`` with all partitions led."""
+    pause = 0.01
+    while True:
+        metadata = admin.list_topics(timeout=_remaining(deadline))
+        waiting = [
+            spec.name
+            for spec in specs
+            if spec.name not in metadata.topics
+            or metadata.topics[spec.name].error is not None
+            or not metadata.topics[spec.name].partitions
+            or any(p.leader < 0 for p in metadata.topics[spec.name].partitions.values())
+        ]
+        if not waiting:
+            return
+        if time.monotonic() >= deadline:
+            raise TopicError(
+                f"topics {', '.join(waiting)} were created on {bootstrap_servers} "
+                "but do not show up in its metadata",
+                waiting[0],
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
+def producer_config(bootstrap_servers: str, **overrides: ConfigValue) -> dict[str, ConfigValue]:
+    """Settings for the idempotent producer (the relay, the dead-letter producer).
+
+    Idempotence (``acks=all``, retries without duplicates or reordering within a
+    partition); ``linger.ms`` 5 batches what is produced together, and costs no
+    latency to whoever calls ``flush()``, which sends at once; lz4 batches; no
+    topic auto-creation; quick reconnects to a broker that restarts.
+
+    Args:
+        bootstrap_servers: The brokers, ``host:port[,host:port...]``.
+        **overrides: librdkafka settings that replace or add to these
+            (e.g. ``client_id`` is spelled ``**{"client.id": "relay"}``).
+
+    Returns:
+        A config dict for :class:`confluent_kafka.Producer`.
+    """
+    config: dict[str, ConfigValue] = {
+        "bootstrap.servers": bootstrap_servers,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": COMPRESSION,
+        "allow.auto.create.topics": False,
+        "reconnect.backoff.ms": 50,
+        "reconnect.backoff.max.ms": 1000,
+    }
+    config.update(overrides)
+    return config
+
+
+def consumer_config(
+    bootstrap_servers: str, group_id: str, **overrides: ConfigValue
+) -> dict[str, ConfigValue]:
+    """Settings for a consumer in a group, tuned for low lag, committing by hand.
+
+    * ``enable.auto.commit`` false: commit after the read model applied a batch;
+      offsets are still *stored* on delivery, so ``commit()`` without arguments
+      commits what was consumed;
+    * ``auto.offset.reset`` earliest: a new group, or one whose offsets the
+      broker lost, starts from the beginning;
+    * ``session.timeout.ms`` 6000 / ``heartbeat.interval.ms`` 1000: Tansu holds a
+      group's first join for about half the session timeout (3 s here, 23 s at
+      librdkafka's default 45 s);
+    * ``fetch.wait.max.ms`` 10 / ``fetch.min.bytes`` 1: Tansu answers an empty
+      fetch only after the full wait, so this bounds the added latency (about
+      10 ms at p99) at the cost of 100 fetches a second per idle consumer;
+    * ``partition.assignment.strategy`` cooperative-sticky: a member joining or
+      leaving does not stop the others' partitions;
+    * quick retries and reconnects after errors, so a broker that restarts
+      empty is noticed and rejoined within about a second.
+
+    Args:
+        bootstrap_servers: The brokers, ``host:port[,host:port...]``.
+        group_id: The consumer group.
+        **overrides: librdkafka settings that replace or add to these.
+
+    Returns:
+        A config dict for :class:`confluent_kafka.Consumer`.
+    """
+    config: dict[str, ConfigValue] = {
+        "bootstrap.servers": bootstrap_servers,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+        "fetch.wait.max.ms": 10,
+        "fetch.min.bytes": 1,
+        "fetch.error.backoff.ms": 50,
+        "fetch.queue.backoff.ms": 10,
+        "partition.assignment.strategy": "cooperative-sticky",
+        "allow.auto.create.topics": False,
+        "topic.metadata.refresh.interval.ms": 5000,
+        "reconnect.backoff.ms": 50,
+        "reconnect.backoff.max.ms": 1000,
+    }
+    config.update(overrides)
+    return config

@@ -1,0 +1,167 @@
+"""`tadpole up` driven over HTTP like a user and a fleet of workers would."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from domain.store import TadpoleStore
+from projections.postgres.tables import PostgresReadModel
+from projections.redis.dashboards import RedisReadModel
+from service.settings import load_settings
+from service.wiring import store_env
+from streaming.consumer import Projector
+from streaming.topics import TopicCatalogue
+from tests.e2e.conftest import ROOT, Stack, http, wait_for
+from tests.e2e.fleet import Fleet, lease_violations, sweep
+
+pytestmark = pytest.mark.e2e
+
+
+def _section(output: str, title: str) -> Any:
+    """The JSON a step of the smoke script printed after its `=== N. title ===` line."""
+    start = output.index(title) + len(title)
+    end = output.find("===", start)
+    return json.loads(output[start : end if end != -1 else None].split("\n\n")[0].strip() or "null")
+
+
+def test_seed_smoke_script_runs_unchanged_against_tadpole_up(make_stack: Any) -> None:
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8080)) == 0:
+            pytest.fail("port 8080 is taken: the seed's smoke script only talks to :8080")
+    stack: Stack = make_stack(port=8080)
+    stack.start()
+
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "smoke_test.sh")],
+                         capture_output=True, text=True, timeout=60)
+
+    assert run.returncode == 0, run.stderr
+    job = _section(run.stdout, "=== 7. Check Job Status ===")
+    assert job["status"] == "DONE"
+    assert job["completedTasks"] == 1
+    assert job["totalTasks"] == 1
+    results = _section(run.stdout, "=== 8. Get Results ===")
+    assert results["totalCompleted"] == 1
+    assert results["results"][0]["fopt"] == 0.001
+    assert results["results"][0]["algorithm"] == "PSO"
+    spots = _section(run.stdout, "=== 9. List SPOTs ===")
+    assert spots["spots"][0]["cpuLoad"] == 10.5
+    assert spots["spots"][0]["totalCores"] == 4
+
+
+def _settings(stack: Stack) -> Any:
+    return load_settings(stack.env)
+
+
+def _store(stack: Stack) -> TadpoleStore:
+    return TadpoleStore(store_env(_settings(stack)))
+
+
+def _rebuild_equals_live(stack: Stack, tmp_name: str) -> tuple[bool, str]:
+    """Build both read models from the store alone and compare them with the live ones."""
+    s = _settings(stack)
+    store = _store(stack)
+    try:
+        fresh_pg = PostgresReadModel(s.database_url, f"{tmp_name}_read")
+        fresh_redis = RedisReadModel(s.redis_url, f"{tmp_name}r")
+        live_pg = PostgresReadModel(s.database_url, s.read_schema)
+        live_redis = RedisReadModel(s.redis_url, s.redis_prefix)
+        for model in (fresh_pg, fresh_redis):
+            model.reset()
+            Projector(model, store, "unused:0", TopicCatalogue(tmp_name)).catch_up()
+        pg_equal = fresh_pg.dump() == live_pg.dump()
+        redis_equal = fresh_redis.dump() == live_redis.dump()
+        detail = f"postgres equal={pg_equal} redis equal={redis_equal}"
+        for model in (fresh_pg, fresh_redis):
+            model.reset()
+        fresh_redis.client.delete(fresh_redis.keys.meta)
+        for model in (fresh_pg, fresh_redis, live_pg, live_redis):
+            model.close()
+        return pg_equal and redis_equal, detail
+    finally:
+        store.close()
+
+
+def _job_done(stack: Stack, job_id: str, total: int) -> bool:
+    status, job = http("GET", f"{stack.base}/api/v1/jobs/{job_id}")
+    return status == 200 and job["completedTasks"] == total
+
+
+def test_killing_relay_and_projector_under_load_loses_nothing(make_stack: Any) -> None:
+    stack: Stack = make_stack()
+    stack.env["TADPOLE_SPOT_TIMEOUT"] = "600"  # no spot goes DOWN while we compare
+    stack.start()
+    status, created = http("POST", stack.base + "/api/v1/jobs", sweep(3000))
+    assert status == 201
+    fleet = Fleet(stack.base, spots=6)
+    fleet.start()
+    try:
+        killed: list[str] = []
+        for role in ("relay", "projector-redis", "projector-postgres", "relay"):
+            wait_for(lambda: len(fleet.acknowledged) > 300 * (len(killed) + 1), 60, "load")
+            pid = stack.children()[role]
+            subprocess.run(["kill", "-9", str(pid)], check=True)
+            killed.append(role)
+            wait_for(lambda role=role, pid=pid: stack.children().get(role) not in (None, pid),
+                     20, f"{role} restarted")
+        wait_for(lambda: _job_done(stack, created["jobId"], 3000), 120, "the job to finish")
+    finally:
+        fleet.join()
+
+    assert len(fleet.acknowledged) == 3000
+    equal = wait_for(lambda: _rebuild_equals_live(stack, stack.extra["name"] + "x")[0], 60,
+                     "live read models to equal a rebuild from the store")
+    assert equal
+    store = _store(stack)
+    try:
+        events = [store.mapper.to_domain_event(n) for n in store.notifications(0, 1_000_000)]
+    finally:
+        store.close()
+    assert lease_violations(events) == []
+    assert sum(1 for e in events if type(e).__qualname__ == "TaskBlock.Claimed") > 0
+
+
+def test_stopping_the_whole_stack_mid_load_keeps_every_acknowledged_change(
+    make_stack: Any, tmp_path: Path
+) -> None:
+    stack: Stack = make_stack()
+    # A claim whose answer was lost in the stop leaves tasks with a spot that never
+    # hears of them; that spot re-registers, and SpotReaper frees its tasks soon.
+    stack.env["TADPOLE_SPOT_TIMEOUT"] = "3"
+    stack.env["TADPOLE_SPOT_REAPER_INTERVAL"] = "1"
+    stack.start()
+    status, created = http("POST", stack.base + "/api/v1/jobs", sweep(2000))
+    assert status == 201
+    job_id = created["jobId"]
+    fleet = Fleet(stack.base, spots=6)
+    fleet.start()
+    try:
+        wait_for(lambda: len(fleet.acknowledged) > 400, 60, "load before the stop")
+        stack.stop(signal.SIGKILL)  # everything, the embedded broker too: it comes back empty
+        before = set(fleet.acknowledged)
+        stack.start()
+        # Every change acknowledged before the stop shows in both read models afterwards.
+        results = wait_for(
+            lambda: (lambda r: r if r[0] == 200 and {x["taskId"] for x in r[1]["results"]} >= before
+                     else None)(http("GET", f"{stack.base}/api/v1/jobs/{job_id}/results")),
+            60, "acknowledged completions in the PostgreSQL read model")
+        assert {x["taskId"] for x in results[1]["results"]} >= before
+        job = wait_for(
+            lambda: (lambda r: r[1] if r[0] == 200 and r[1]["completedTasks"] >= len(before)
+                     else None)(http("GET", f"{stack.base}/api/v1/jobs/{job_id}")),
+            60, "acknowledged completions in the Redis read model")
+        assert job["completedTasks"] >= len(before)
+        wait_for(lambda: _job_done(stack, job_id, 2000), 120, "the job to finish after restart")
+    finally:
+        fleet.join()
+    assert len(fleet.acknowledged) == 2000
+    ok, detail = wait_for(
+        lambda: (lambda r: r if r[0] else None)(_rebuild_equals_live(stack, stack.extra["name"] + "y")),
+        60, "read models equal to a rebuild after the restart")
+    assert ok, detail
