@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import types
 import typing
+from functools import cache
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ def event_type(cls: type) -> str:
     return cls.__qualname__
 
 
+@cache
 def event_fields(cls: type) -> dict[str, Any]:
     """The payload fields of an event class and their Python types."""
     hints = typing.get_type_hints(cls)

@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -125,10 +126,10 @@ def resolve_tansu() -> str:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    """Ask Linux to SIGTERM the broker if its parent dies without stopping it."""
+    """Ask Linux to SIGKILL the broker if its parent dies without stopping it."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
 
@@ -149,7 +150,10 @@ class EmbeddedBroker:
         echo_logs: Send the broker's output to this process's stdout/stderr
             instead of a file (``log_path`` is then ignored).
         startup_timeout: Seconds :meth:`start` waits for the broker to answer.
-        stop_grace: Seconds :meth:`stop` waits after SIGTERM before SIGKILL.
+        stop_grace: Seconds :meth:`stop` waits after SIGINT before SIGKILL.
+        cluster_id: The cluster id the broker reports; ``None``: a new random one
+            on every start, so a client can tell a restarted (empty) broker from
+            the one it knew (``AdminClient.describe_cluster()``).
         env: Extra environment variables for the broker (e.g. ``RUST_LOG``).
         extra_args: Extra command-line arguments for ``tansu broker``.
     """
@@ -163,6 +167,7 @@ class EmbeddedBroker:
         echo_logs: bool = False,
         startup_timeout: float = 15.0,
         stop_grace: float = 5.0,
+        cluster_id: str | None = None,
         env: Mapping[str, str] | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> None:
@@ -174,6 +179,8 @@ class EmbeddedBroker:
         self._echo_logs = echo_logs
         self._startup_timeout = startup_timeout
         self._stop_grace = stop_grace
+        self._fixed_cluster_id = cluster_id
+        self._cluster_id: str | None = None
         self._env = dict(env or {})
         self._extra_args = tuple(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
@@ -197,6 +204,11 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         """``host:port`` for the ``bootstrap.servers`` client setting."""
         return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def cluster_id(self) -> str | None:
+        """The cluster id of the running broker (new on every start unless fixed)."""
+        return self._cluster_id if self.running else None
 
     @property
     def running(self) -> bool:
@@ -259,7 +271,7 @@ class EmbeddedBroker:
         return self
 
     def stop(self) -> None:
-        """Stop the broker: SIGTERM, then SIGKILL after ``stop_grace`` seconds.
+        """Stop the broker: SIGINT, then SIGKILL after ``stop_grace`` seconds.
 
         Idempotent. Everything the broker held is gone; a temporary log file is
         removed.
@@ -299,9 +311,12 @@ class EmbeddedBroker:
 
     def _command(self, binary: str) -> list[str]:
         url = f"tcp://{LOOPBACK}:{self.port}"
+        self._cluster_id = self._fixed_cluster_id or f"tadpole-{uuid.uuid4().hex[:12]}"
         return [
             binary,
             "broker",
+            "--cluster-id",
+            self._cluster_id,
             "--listener-url",
             url,
             "--advertised-listener-url",
@@ -419,11 +434,13 @@ class EmbeddedBroker:
     def _terminate(self) -> None:
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
-            process.terminate()
+            # SIGINT: Tansu exits at once; on SIGTERM it lingers 5 s while clients
+            # are connected. There is nothing to flush: its storage is memory.
+            process.send_signal(signal.SIGINT)
             try:
                 process.wait(self._stop_grace)
             except subprocess.TimeoutExpired:
-                log.warning("embedded broker ignored SIGTERM for %gs; killing it", self._stop_grace)
+                log.warning("embedded broker ignored SIGINT for %gs; killing it", self._stop_grace)
                 process.kill()
                 process.wait()
         self._close_log()

@@ -70,11 +70,18 @@ class StoreReader:
     def __init__(self, store: TadpoleStore):
         self.store = store
 
-    def after(self, position: int, limit: int = STORE_PAGE) -> list[EventMessage]:
-        return [
+    def after(
+        self, position: int, limit: int = STORE_PAGE, skip: set[int] | None = None
+    ) -> tuple[int, list[EventMessage]]:
+        """Events after ``position`` (but those in ``skip``), and the last position read."""
+        notifications = self.store.notifications(position, limit)
+        skip = skip or set()
+        messages = [
             message_from_event(self.store.mapper.to_domain_event(n), n.id)
-            for n in self.store.notifications(position, limit)
+            for n in notifications
+            if n.id not in skip
         ]
+        return (notifications[-1].id if notifications else position), messages
 
     def aggregate(self, uuid: UUID, after_version: int) -> list[EventMessage]:
         """An aggregate's events after a version (their store positions are unknown: 0)."""
@@ -108,6 +115,8 @@ class Projector:
         self.applied_from_kafka = 0
         self.dead_lettered = 0
         self.lag = lag
+        #: Store positions applied from Kafka since the last catch-up: not read again.
+        self.seen: set[int] = set()
 
     # ---- the store: the truth ------------------------------------------------------
 
@@ -117,16 +126,17 @@ class Projector:
             log.warning("%s read model lost its data: rebuilding from the store", self.model.name)
             self.model.reset()
             self.model.set_checkpoint(0)
+            self.seen.clear()
         position = self.model.checkpoint()
         while True:
-            page = self.reader.after(position)
-            if not page:
+            last, page = self.reader.after(position, skip=self.seen)
+            if last == position:
                 break
-            self._apply(page)
-            position = page[-1].position
+            if page:
+                self._apply(page)
+            position = last
             self.model.set_checkpoint(position)
-            if len(page) < STORE_PAGE:
-                break
+            self.seen = {p for p in self.seen if p > position}
         return position
 
     def _apply(self, messages: Sequence[EventMessage]) -> None:
@@ -191,6 +201,7 @@ class Projector:
                 self._dead_letter(msg, str(bad))
         if messages:
             self._apply(messages)
+            self.seen.update(m.position for m in messages)
             self.applied_from_kafka += len(messages)
             if self.lag is not None:
                 self.lag.record(messages)

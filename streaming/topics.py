@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]  # not re-exported in the stubs
 
 log = logging.getLogger(__name__)
 

@@ -128,10 +128,12 @@ class PostgresReadModel:
     def apply(self, messages: Sequence[EventMessage]) -> list[EventMessage]:
         """Apply in order what is next for its aggregate; return the messages after a gap.
 
-        One transaction for the whole batch: the effects and the versions they
-        bring the ``applied`` table to.
+        One transaction for the whole batch: the effects, merged per row (the last
+        event's value wins, counters add up), and the versions they bring the
+        ``applied`` table to.
         """
         gaps: list[EventMessage] = []
+        changes = _Changes()
         with self.conn.transaction(), self.conn.cursor() as cur:
             ids = list({m.aggregate_id for m in messages})
             cur.execute(
@@ -142,6 +144,7 @@ class PostgresReadModel:
                 (ids,),
             )
             versions: dict[UUID, int] = {row[0]: row[1] for row in cur.fetchall()}
+            touched: dict[UUID, int] = {}
             for m in messages:
                 current = versions.get(m.aggregate_id, 0)
                 if m.version <= current:
@@ -149,158 +152,87 @@ class PostgresReadModel:
                 if m.version > current + 1:
                     gaps.append(m)
                     continue
-                self._handle(cur, m)
-                versions[m.aggregate_id] = m.version
+                changes.add(m)
+                versions[m.aggregate_id] = touched[m.aggregate_id] = m.version
+            self._write(cur, changes)
             cur.executemany(
                 self.q(
                     "INSERT INTO {schema}.applied VALUES (%s, %s) ON CONFLICT (aggregate_id) "
                     "DO UPDATE SET version = EXCLUDED.version "
                     "WHERE {schema}.applied.version < EXCLUDED.version"
                 ),
-                list(versions.items()),
+                list(touched.items()),
             )
         return gaps
 
-    # ---- handlers -------------------------------------------------------------------
+    def _write(self, cur: psycopg.Cursor[Any], c: _Changes) -> None:
+        if c.jobs:
+            cur.executemany(
+                self.q(
+                    "INSERT INTO {schema}.jobs (id, status, total_tasks, jar_path, main_class, "
+                    "created_at) VALUES (%s, 'RUNNING', %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+                ),
+                c.jobs,
+            )
+        for rows in c.task_inserts:
+            cur.execute(
+                self.q(
+                    "INSERT INTO {schema}.tasks (id, job_id, idx, status, algorithm, iterations, "
+                    "agents, dimension) SELECT t.id, t.job, t.idx, 'NEW', t.alg, t.it, t.ag, t.dim "
+                    "FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::int[], "
+                    "%s::int[], %s::int[]) AS t(id, job, idx, alg, it, ag, dim) "
+                    "ON CONFLICT DO NOTHING"
+                ),
+                rows,
+            )
+        if c.spots_new:
+            cur.executemany(
+                self.q(
+                    "INSERT INTO {schema}.spots (id, ip_address, status, registered_at, "
+                    "last_heartbeat) VALUES (%s, %s, 'UP', %s, %s) ON CONFLICT DO NOTHING"
+                ),
+                c.spots_new,
+            )
+        self._update(cur, "tasks", c.tasks)
+        self._update(cur, "spots", c.spots)
+        if c.job_counts:
+            jobs = list(c.job_counts)
+            cur.execute(
+                self.q(
+                    "UPDATE {schema}.jobs j SET completed_tasks = completed_tasks + u.done, "
+                    "failed_tasks = failed_tasks + u.failed FROM unnest(%s::text[], %s::int[], "
+                    "%s::int[]) AS u(id, done, failed) WHERE j.id = u.id"
+                ),
+                (jobs, [c.job_counts[j][0] for j in jobs], [c.job_counts[j][1] for j in jobs]),
+            )
+            cur.execute(
+                self.q(
+                    "UPDATE {schema}.jobs j SET finished_at = u.at, status = CASE WHEN "
+                    "failed_tasks = 0 THEN 'DONE' ELSE 'FAILED' END FROM unnest(%s::text[], "
+                    "%s::timestamptz[]) AS u(id, at) WHERE j.id = u.id "
+                    "AND completed_tasks + failed_tasks = total_tasks AND status = 'RUNNING'"
+                ),
+                (jobs, [c.job_counts[j][2] for j in jobs]),
+            )
 
-    def _handle(self, cur: psycopg.Cursor[Any], m: EventMessage) -> None:
-        handler = getattr(self, "_on_" + m.type.replace(".", "_"), None)
-        if handler is not None:
-            handler(cur, m)
-
-    def _on_Job_Created(self, cur: psycopg.Cursor[Any], m: EventMessage) -> None:
-        sweep = Sweep.from_json(m.data["sweep"])
-        cur.execute(
-            self.q(
-                "INSERT INTO {schema}.jobs (id, status, total_tasks, jar_path, main_class, "
-                "created_at) VALUES (%s, 'RUNNING', %s, %s, %s, %s) ON CONFLICT DO NOTHING"
-            ),
-            ("job-" + m.aggregate_id.hex, m.data["total_tasks"], sweep.jar_path,
-             sweep.main_class, m.timestamp),
-        )
-
-    def _on_TaskBlock_Created(self, cur: psycopg.Cursor[Any], m: EventMessage) -> None:
-        d = m.data
-        sweep = Sweep.from_json(d["sweep"])
-        job = UUID(hex=d["job_id"].removeprefix("job-"))
-        indexes = range(d["first"], d["first"] + d["count"])
-        params = [sweep.params(i) for i in indexes]
-        cur.execute(
-            self.q(
-                "INSERT INTO {schema}.tasks (id, job_id, idx, status, algorithm, iterations, "
-                "agents, dimension) SELECT t.id, %s, t.idx, 'NEW', t.alg, t.it, t.ag, t.dim "
-                "FROM unnest(%s::text[], %s::int[], %s::text[], %s::int[], %s::int[], %s::int[]) "
-                "AS t(id, idx, alg, it, ag, dim) ON CONFLICT DO NOTHING"
-            ),
-            (
-                d["job_id"],
-                [task_id(job, i) for i in indexes],
-                list(indexes),
-                [p.algorithm for p in params],
-                [p.iterations for p in params],
-                [p.agents for p in params],
-                [p.dimension for p in params],
-            ),
-        )
-
-    def _task_ids(self, d: dict[str, Any]) -> list[str]:
-        job = UUID(hex=d["job_id"].removeprefix("job-"))
-        return [task_id(job, i) for i in d["indexes"]]
-
-    def _on_TaskBlock_Claimed(self, cur: psycopg.Cursor[Any], m: EventMessage) -> None:
-        d = m.data
-        cur.execute(
-            self.q(
-                "UPDATE {schema}.tasks t SET status = 'RUNNING', assigned_to = u.holder, "
-                "fence_token = u.fence, attempts = u.attempt, started_at = %s, error = NULL "
-                "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::int[]) "
-                "AS u(id, holder, fence, attempt) WHERE t.id = u.id"
-            ),
-            (d["at"], self._task_ids(d), d["holders"], d["fences"], d["attempts"]),
-        )
-
-    def _on_TaskBlock_Completed(self, cur: psycopg.Cursor[Any], m: EventMessage) -> None:
-        d = m.data
-        cur.execute(
-            self.q(
-                "UPDATE {schema}.tasks t SET status = 'DONE', assigned_to = NULL, "
-                "finished_at = %s, runtime_ms = u.rt, iter = u.it, fopt = u.fopt, "
-                "result_json = u.res FROM unnest(%s::text[], %s::bigint[], %s::bigint[], "
-                "%s::float8[], %s::text[]) AS u(id, rt, it, fopt, res) WHERE t.id = u.id"
-            ),
-            (d["at"], self._task_ids(d), d["runtime_ms"], d["iters"], d["fopts"], d["results"]),
-        )
-        self._count(cur, d["job_id"], len(d["indexes"]), 0, d["at"])
-
-    def _finish(self, cur: psycopg.Cursor[Any], d: dict[str, Any], errors: list[str]) -> None:
-        statuses = ["NEW" if r else "FAILED" for r in d["retried"]]
-        cur.execute(
-            self.q(
-                "UPDATE {schema}.tasks t SET status = u.status, assigned_to = NULL, "
-                "error = u.error, finished_at = CASE WHEN u.status = 'FAILED' THEN %s END "
-                "FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(id, status, error) "
-                "WHERE t.id = u.id"
-            ),
-            (d["at"], self._task_ids(d), statuses, errors),
-        )
-        self._count(cur, d["job_id"], 0, statuses.count("FAILED"), d["at"])
-
-    def _on_TaskBlock_Failed(self, cur: psycopg.Cursor[Any], m: EventMessage) -> None:
-        self._finish(cur, m.data, m.data["errors"])
-
-    def _on_TaskBlock_Reaped(self, cur: psycopg.Cursor[Any], m: EventMessage) -> None:
-        self._finish(cur, m.data, [m.data["reason"]] * len(m.data["indexes"]))
-
-    def _count(self, cur: psycopg.Cursor[Any], job: str, done: int, failed: int, at: datetime) -> None:
-        if not (done or failed):
-            return
-        cur.execute(
-            self.q(
-                "UPDATE {schema}.jobs SET completed_tasks = completed_tasks + %s, "
-                "failed_tasks = failed_tasks + %s WHERE id = %s"
-            ),
-            (done, failed, job),
-        )
-        cur.execute(
-            self.q(
-                "UPDATE {schema}.jobs SET finished_at = %s, status = CASE WHEN failed_tasks = 0 "
-                "THEN 'DONE' ELSE 'FAILED' END WHERE id = %s "
-                "AND completed_tasks + failed_tasks = total_tasks AND status = 'RUNNING'"
-            ),
-            (at, job),
-        )
-
-    def _on_Spot_Registered(self, cur: psycopg.Cursor[Any], m: EventMessage) -> None:
-        cur.execute(
-            self.q(
-                "INSERT INTO {schema}.spots (id, ip_address, status, registered_at, "
-                "last_heartbeat) VALUES (%s, %s, 'UP', %s, %s) ON CONFLICT DO NOTHING"
-            ),
-            (spot_id(m.aggregate_id), m.data["ip_address"], m.data["at"], m.data["at"]),
-        )
-
-    def _on_Spot_HeartbeatRecorded(self, cur: psycopg.Cursor[Any], m: EventMessage) -> None:
-        d = m.data
-        cur.execute(
-            self.q(
-                "UPDATE {schema}.spots SET ip_address = %s, cpu_load = %s, running_tasks = %s, "
-                "total_cores = %s, last_heartbeat = %s WHERE id = %s"
-            ),
-            (d["ip_address"], d["cpu_load"], d["running_tasks"], d["total_cores"], d["at"],
-             spot_id(m.aggregate_id)),
-        )
-
-    def _on_Spot_MarkedDown(self, cur: psycopg.Cursor[Any], m: EventMessage) -> None:
-        self._spot_status(cur, m, "DOWN")
-
-    def _on_Spot_CameUp(self, cur: psycopg.Cursor[Any], m: EventMessage) -> None:
-        self._spot_status(cur, m, "UP")
-
-    def _spot_status(self, cur: psycopg.Cursor[Any], m: EventMessage, status: str) -> None:
-        cur.execute(
-            self.q("UPDATE {schema}.spots SET status = %s WHERE id = %s"),
-            (status, spot_id(m.aggregate_id)),
-        )
+    def _update(
+        self, cur: psycopg.Cursor[Any], table: str, rows: dict[str, dict[str, Any]]
+    ) -> None:
+        """One UPDATE ... FROM unnest per set of changed columns."""
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for key, columns in rows.items():
+            groups.setdefault(tuple(sorted(columns)), []).append(key)
+        for columns, keys in groups.items():
+            sets = ", ".join(f"{col} = u.{col}" for col in columns)
+            casts = ", ".join(f"%s::{_TYPES[col]}[]" for col in columns)
+            names = ", ".join(columns)
+            cur.execute(
+                self.q(
+                    f"UPDATE {{schema}}.{table} t SET {sets} FROM unnest(%s::text[], {casts}) "
+                    f"AS u(id, {names}) WHERE t.id = u.id"
+                ),
+                [keys, *([rows[k][col] for k in keys] for col in columns)],
+            )
 
     # ---- comparing with a rebuild --------------------------------------------------------
 
@@ -315,3 +247,123 @@ class PostgresReadModel:
                 out[table] = [tuple(r) for r in rows]
         return out
 
+
+
+_TYPES = {
+    "status": "text",
+    "assigned_to": "text",
+    "fence_token": "bigint",
+    "attempts": "int",
+    "started_at": "timestamptz",
+    "finished_at": "timestamptz",
+    "runtime_ms": "bigint",
+    "iter": "bigint",
+    "fopt": "float8",
+    "result_json": "text",
+    "error": "text",
+    "ip_address": "text",
+    "cpu_load": "float8",
+    "running_tasks": "int",
+    "total_cores": "int",
+    "last_heartbeat": "timestamptz",
+}
+
+
+class _Changes:
+    """What a batch of events does to the tables, merged per row in event order."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, ...]] = []
+        self.task_inserts: list[tuple[Any, ...]] = []
+        self.spots_new: list[tuple[Any, ...]] = []
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self.spots: dict[str, dict[str, Any]] = {}
+        #: job id → [completed delta, failed delta, time of the last change]
+        self.job_counts: dict[str, list[Any]] = {}
+
+    def add(self, m: EventMessage) -> None:
+        handler = getattr(self, "_on_" + m.type.replace(".", "_"), None)
+        if handler is not None:
+            handler(m)
+
+    def _task_ids(self, d: dict[str, Any]) -> list[str]:
+        job = UUID(hex=d["job_id"].removeprefix("job-"))
+        return [task_id(job, i) for i in d["indexes"]]
+
+    def _set_tasks(self, ids: list[str], **columns: list[Any]) -> None:
+        for n, tid in enumerate(ids):
+            row = self.tasks.setdefault(tid, {})
+            for col, values in columns.items():
+                row[col] = values[n]
+
+    def _count(self, job: str, done: int, failed: int, at: datetime) -> None:
+        if done or failed:
+            entry = self.job_counts.setdefault(job, [0, 0, at])
+            entry[0] += done
+            entry[1] += failed
+            entry[2] = at
+
+    def _on_Job_Created(self, m: EventMessage) -> None:
+        sweep = Sweep.from_json(m.data["sweep"])
+        self.jobs.append(("job-" + m.aggregate_id.hex, m.data["total_tasks"], sweep.jar_path,
+                          sweep.main_class, m.timestamp))
+
+    def _on_TaskBlock_Created(self, m: EventMessage) -> None:
+        d = m.data
+        sweep = Sweep.from_json(d["sweep"])
+        job = UUID(hex=d["job_id"].removeprefix("job-"))
+        indexes = range(d["first"], d["first"] + d["count"])
+        params = [sweep.params(i) for i in indexes]
+        self.task_inserts.append((
+            [task_id(job, i) for i in indexes],
+            [d["job_id"]] * len(indexes),
+            list(indexes),
+            [p.algorithm for p in params],
+            [p.iterations for p in params],
+            [p.agents for p in params],
+            [p.dimension for p in params],
+        ))
+
+    def _on_TaskBlock_Claimed(self, m: EventMessage) -> None:
+        d = m.data
+        n = len(d["indexes"])
+        self._set_tasks(self._task_ids(d), status=["RUNNING"] * n, assigned_to=d["holders"],
+                        fence_token=d["fences"], attempts=d["attempts"],
+                        started_at=[d["at"]] * n, error=[None] * n)
+
+    def _on_TaskBlock_Completed(self, m: EventMessage) -> None:
+        d = m.data
+        n = len(d["indexes"])
+        self._set_tasks(self._task_ids(d), status=["DONE"] * n, assigned_to=[None] * n,
+                        finished_at=[d["at"]] * n, runtime_ms=d["runtime_ms"], iter=d["iters"],
+                        fopt=d["fopts"], result_json=d["results"])
+        self._count(d["job_id"], n, 0, d["at"])
+
+    def _finish(self, d: dict[str, Any], errors: list[str]) -> None:
+        statuses = ["NEW" if r else "FAILED" for r in d["retried"]]
+        self._set_tasks(self._task_ids(d), status=statuses, assigned_to=[None] * len(statuses),
+                        error=errors,
+                        finished_at=[d["at"] if s == "FAILED" else None for s in statuses])
+        self._count(d["job_id"], 0, statuses.count("FAILED"), d["at"])
+
+    def _on_TaskBlock_Failed(self, m: EventMessage) -> None:
+        self._finish(m.data, m.data["errors"])
+
+    def _on_TaskBlock_Reaped(self, m: EventMessage) -> None:
+        self._finish(m.data, [m.data["reason"]] * len(m.data["indexes"]))
+
+    def _on_Spot_Registered(self, m: EventMessage) -> None:
+        at = m.data["at"]
+        self.spots_new.append((spot_id(m.aggregate_id), m.data["ip_address"], at, at))
+
+    def _on_Spot_HeartbeatRecorded(self, m: EventMessage) -> None:
+        d = m.data
+        self.spots.setdefault(spot_id(m.aggregate_id), {}).update(
+            ip_address=d["ip_address"], cpu_load=d["cpu_load"], running_tasks=d["running_tasks"],
+            total_cores=d["total_cores"], last_heartbeat=d["at"])
+
+    def _on_Spot_MarkedDown(self, m: EventMessage) -> None:
+        self.spots.setdefault(spot_id(m.aggregate_id), {})["status"] = "DOWN"
+
+    def _on_Spot_CameUp(self, m: EventMessage) -> None:
+        self.spots.setdefault(spot_id(m.aggregate_id), {})["status"] = "UP"
