@@ -13,7 +13,9 @@ from api.middleware import AgentKey
 from service.writer import StoreUnavailableError
 
 
-def create_app(ctx: r.ApiContext, agent_key: str = "", middleware: list[Any] | None = None) -> falcon.asgi.App:
+def create_app(
+    ctx: r.ApiContext, agent_key: str = "", middleware: list[Any] | None = None
+) -> falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]:
     app = falcon.asgi.App(middleware=[*(middleware or []), AgentKey(agent_key)])
     app.set_error_serializer(serialize_error)
     app.add_error_handler(StoreUnavailableError, store_unavailable)

@@ -51,7 +51,9 @@ def answer(resp: falcon.asgi.Response, result: Result, *, failing: bool = False)
 
 def _finished(resp: falcon.asgi.Response, result: Finished, failing: bool) -> None:
     if result.outcome is Outcome.ACCEPTED:
-        resp.media = {"success": True, "willRetry": result.will_retry} if failing else {"success": True}
+        resp.media = (
+            {"success": True, "willRetry": result.will_retry} if failing else {"success": True}
+        )
     elif result.outcome in (Outcome.ALREADY_COMPLETED, Outcome.ALREADY_TERMINAL):
         resp.media = {"success": True, "message": result.outcome.value}
     else:

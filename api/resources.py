@@ -184,7 +184,9 @@ class Claims:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         body = await v.json_body(req)
         spot = str(v.text(body, "spotId", max_len=64))
-        max_tasks = int(v.integer(body, "maxTasks", required=False, low=1, high=100, default=1) or 1)
+        max_tasks = int(
+            v.integer(body, "maxTasks", required=False, low=1, high=100, default=1) or 1
+        )
         answer(resp, await self.ctx.writer.submit(ClaimTasks(spot, max_tasks)))
 
 

@@ -30,8 +30,14 @@ def _bad(name: str, what: str) -> falcon.HTTPBadRequest:
     return falcon.HTTPBadRequest(description=f"{name} {what}")
 
 
-def text(body: dict[str, Any], name: str, *, required: bool = True, max_len: int = 4096,
-         default: str | None = None) -> str | None:
+def text(
+    body: dict[str, Any],
+    name: str,
+    *,
+    required: bool = True,
+    max_len: int = 4096,
+    default: str | None = None,
+) -> str | None:
     value = body.get(name)
     if value is None:
         if required:
@@ -46,9 +52,16 @@ def text(body: dict[str, Any], name: str, *, required: bool = True, max_len: int
     return value
 
 
-def integer(body: dict[str, Any], name: str, *, required: bool = True,
-            low: int | None = None, high: int | None = None, default: int | None = None,
-            label: str | None = None) -> int | None:
+def integer(
+    body: dict[str, Any],
+    name: str,
+    *,
+    required: bool = True,
+    low: int | None = None,
+    high: int | None = None,
+    default: int | None = None,
+    label: str | None = None,
+) -> int | None:
     label = label or name
     value = body.get(name)
     if value is None:

@@ -58,7 +58,11 @@ async def create_jobs(
 
 
 async def spot(
-    session: aiohttp.ClientSession, base: str, claim: int, total: int, c: Counters,
+    session: aiohttp.ClientSession,
+    base: str,
+    claim: int,
+    total: int,
+    c: Counters,
     done: asyncio.Event,
 ) -> None:
     async with session.post(f"{base}/internal/v1/hello", json={"ipAddress": "127.0.0.1"}) as r:
@@ -66,8 +70,13 @@ async def spot(
 
     async def heartbeat() -> None:
         while not done.is_set():
-            body = {"spotId": spot_id, "ipAddress": "127.0.0.1", "cpuLoad": 1.0,
-                    "runningTasks": 0, "totalCores": 2}
+            body = {
+                "spotId": spot_id,
+                "ipAddress": "127.0.0.1",
+                "cpuLoad": 1.0,
+                "runningTasks": 0,
+                "totalCores": 2,
+            }
             async with session.post(f"{base}/internal/v1/heartbeat", json=body) as r:
                 await r.read()
             await asyncio.sleep(3)
@@ -87,8 +96,13 @@ async def spot(
                 await asyncio.sleep(0.01)
                 continue
             for task in tasks:
-                body = {"spotId": spot_id, "runtimeMs": 0, "iter": 1, "fopt": 0.0,
-                        "fenceToken": task["fenceToken"]}
+                body = {
+                    "spotId": spot_id,
+                    "runtimeMs": 0,
+                    "iter": 1,
+                    "fopt": 0.0,
+                    "fenceToken": task["fenceToken"],
+                }
                 t0 = time.perf_counter()
                 async with session.post(
                     f"{base}/internal/v1/tasks/{task['id']}/complete", json=body

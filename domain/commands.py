@@ -29,13 +29,11 @@ from eventsourcing.domain import Aggregate
 
 from domain.ids import (
     TaskRef,
-    block_id,
     UnknownIdError,
+    block_id,
     job_for_key,
-    job_id,
     parse_spot_id,
     parse_task_id,
-    spot_id,
     task_id,
 )
 from domain.jobs import Job
@@ -390,6 +388,12 @@ class _Batch:
             case ClaimTasks():
                 return self.claim(command)
 
+    def _spot(self, text: str) -> Spot | None:
+        """A spot this batch already touched, else the processor's."""
+        uuid = _uuid_or_none(text)
+        touched = self.touched.get(uuid) if uuid is not None else None
+        return touched if isinstance(touched, Spot) else self.p.spot(text)
+
     def touch(self, aggregate: Aggregate) -> None:
         self.touched[aggregate.id] = aggregate
 
@@ -404,7 +408,12 @@ class _Batch:
                 return ConflictError("Idempotency-Key was used before with a different job")
             return JobCreated(existing.public_id, existing.total_tasks, replayed=True)
         job = Job.create(
-            uuid, sweep_text, c.sweep.total_tasks, BLOCK_SIZE, self.p.max_attempts, c.idempotency_key
+            uuid,
+            sweep_text,
+            c.sweep.total_tasks,
+            BLOCK_SIZE,
+            self.p.max_attempts,
+            c.idempotency_key,
         )
         self.touch(job)
         for number, block_uuid in enumerate(job.block_ids()):
@@ -423,14 +432,16 @@ class _Batch:
         return SpotRegistered(spot.public_id)
 
     def heartbeat(self, c: Heartbeat) -> Result:
-        spot = self.touched.get(_uuid_or_none(c.spot_id)) or self.p.spot(c.spot_id)
-        if not isinstance(spot, Spot):
+        spot = self._spot(c.spot_id)
+        if spot is None:
             return NotFoundError("spot not found")
         self.seen[spot.id] = self.ts
         last = spot.figures()
         given = (c.ip_address, c.cpu_load, c.running_tasks, c.total_cores)
-        ip, cpu, running, cores = (g if g is not None else o for g, o in zip(given, last, strict=True))
-        figures = (str(ip), float(cpu), int(running), int(cores))
+        ip, cpu, running, cores = (
+            g if g is not None else o for g, o in zip(given, last, strict=True)
+        )
+        figures = (str(ip), float(cpu), int(running), int(cores))  # type: ignore[arg-type, call-overload]
         due = self.ts - spot.last_heartbeat.timestamp() >= self.p.heartbeat_store_interval
         if spot.status == DOWN:
             spot.come_up(self.now)
@@ -501,9 +512,12 @@ class _Batch:
         reaped: list[str] = []
         for block in list(self.p.blocks.values()):
             for index, task in block.running():
-                if task.holder is not None and due(task.holder, task.claimed_at or 0.0):
-                    if self._finishing(block).reap(index, reason) is not None:
-                        reaped.append(task_id(_job_uuid(block), index))
+                if (
+                    task.holder is not None
+                    and due(task.holder, task.claimed_at or 0.0)
+                    and self._finishing(block).reap(index, reason) is not None
+                ):
+                    reaped.append(task_id(_job_uuid(block), index))
         return reaped
 
     def record_finishes(self) -> None:
@@ -517,8 +531,8 @@ class _Batch:
     # ---- claims --------------------------------------------------------------------------
 
     def claim(self, c: ClaimTasks) -> Result:
-        spot = self.touched.get(_uuid_or_none(c.spot_id)) or self.p.spot(c.spot_id)
-        if not isinstance(spot, Spot):
+        spot = self._spot(c.spot_id)
+        if spot is None:
             return NotFoundError("spot not found")
         if spot.status != UP:
             return ConflictError("spot is DOWN: send a heartbeat to bring it back UP")
@@ -542,14 +556,13 @@ class _Batch:
         return Claimed(claimed)
 
     def _claimable_blocks(self) -> Iterable[TaskBlock]:
-        for block in self.new_blocks:
-            yield block
+        yield from self.new_blocks
         for uuid in list(self.p._claimable):
-            block = self.p.blocks.get(uuid)
-            if block is None or (not block.new_count()):
+            kept = self.p.blocks.get(uuid)
+            if kept is None or not kept.new_count():
                 self.p._claimable.pop(uuid, None)
                 continue
-            yield block
+            yield kept
 
     def record_claims(self) -> None:
         for uuid, (indexes, holders) in self.claims.items():
@@ -588,6 +601,3 @@ def _job_uuid(block: TaskBlock) -> UUID:
 
 def _topic(event_class: type) -> str:
     return f"{event_class.__module__}:{event_class.__qualname__}"
-
-
-

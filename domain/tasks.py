@@ -176,7 +176,11 @@ class TaskBlock(Aggregate):
         return picked
 
     def running(self) -> list[tuple[int, TaskView]]:
-        return [(self.first + o, self.view(self.first + o)) for o, s in enumerate(self.status) if s == RUNNING]
+        return [
+            (self.first + o, self.view(self.first + o))
+            for o, s in enumerate(self.status)
+            if s == RUNNING
+        ]
 
     def payload(self, index: int) -> str:
         return _sweep(self.sweep).payload(index)

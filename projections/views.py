@@ -46,7 +46,9 @@ class RedisViews:
     """Job progress, task counts by state and spot status from Redis."""
 
     def __init__(self, url: str, prefix: str):
-        self.client: aioredis.Redis = aioredis.Redis.from_url(url, protocol=2)
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url, protocol=2, decode_responses=True
+        )
         self.keys = RedisKeys(prefix)
 
     async def close(self) -> None:
@@ -57,17 +59,13 @@ class RedisViews:
         return {u: int(v) for u, v in zip(uuids, values, strict=True) if v is not None}
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
-        raw = await self.client.hgetall(self.keys.job(job_id))
-        data = {k.decode(): v.decode() for k, v in raw.items()}
+        data: dict[str, str] = await self.client.hgetall(self.keys.job(job_id))  # type: ignore[assignment]
         if "total" not in data:
             return None
         total = int(data["total"])
         done = int(data.get("done", 0))
         failed = int(data.get("failed", 0))
-        if done + failed < total:
-            status = "RUNNING"
-        else:
-            status = "DONE" if failed == 0 else "FAILED"
+        status = "RUNNING" if done + failed < total else "DONE" if failed == 0 else "FAILED"
         return {
             "id": job_id,
             "status": status,
@@ -78,17 +76,21 @@ class RedisViews:
         }
 
     async def counts(self) -> dict[str, int]:
-        raw = await self.client.hgetall(self.keys.counts)
-        return {k.decode(): int(v) for k, v in raw.items()}
+        raw: dict[str, str] = await self.client.hgetall(self.keys.counts)  # type: ignore[assignment]
+        return {k: int(v) for k, v in raw.items()}
 
 
 class PostgresViews:
     """Results and spots from the PostgreSQL read model."""
 
     def __init__(self, conninfo: str, schema: str):
-        self.pool = AsyncConnectionPool(conninfo, min_size=1, max_size=4, open=False,
-                                        kwargs={"autocommit": True, "row_factory": dict_row,
-                                                "options": "-c TimeZone=UTC"})
+        self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=4,
+            open=False,
+            kwargs={"autocommit": True, "row_factory": dict_row, "options": "-c TimeZone=UTC"},
+        )
         self.schema = sql.Identifier(schema)
 
     async def open(self) -> None:
@@ -108,8 +110,10 @@ class PostgresViews:
     async def applied(self, uuids: list[UUID]) -> dict[UUID, int]:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                self._q("SELECT aggregate_id, version FROM {schema}.applied "
-                        "WHERE aggregate_id = ANY(%s)"),
+                self._q(
+                    "SELECT aggregate_id, version FROM {schema}.applied "
+                    "WHERE aggregate_id = ANY(%s)"
+                ),
                 (uuids,),
             )
             return {row["aggregate_id"]: row["version"] for row in await cur.fetchall()}

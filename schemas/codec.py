@@ -88,7 +88,7 @@ class Codec:
         body = io.BytesIO()
         body.write(MARKER + fp)
         schemaless_writer(body, schema, message.data)
-        envelope = {
+        envelope: dict[str, Any] = {
             "message_id": message.message_id,
             "correlation_id": message.correlation_id,
             "causation_id": None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import types
 import typing
-from functools import cache
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -68,9 +67,18 @@ def event_type(cls: type) -> str:
     return cls.__qualname__
 
 
-@cache
+_FIELDS: dict[type, dict[str, Any]] = {}
+
+
 def event_fields(cls: type) -> dict[str, Any]:
-    """The payload fields of an event class and their Python types."""
+    """The payload fields of an event class and their Python types (computed once)."""
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        fields = _FIELDS[cls] = _payload_fields(cls)
+    return fields
+
+
+def _payload_fields(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {
         name: hint

@@ -70,15 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
-    up = add("up", "run everything: API, relay, projectors, reapers (and the embedded "
-                   "broker when KAFKA_BOOTSTRAP_SERVERS is unset)")
-    up.add_argument("--port", type=int, help="HTTP port (default: TADPOLE_PORT / ORHESTRA_PORT / 8080)")
+    up = add(
+        "up",
+        "run everything: API, relay, projectors, reapers (and the embedded "
+        "broker when KAFKA_BOOTSTRAP_SERVERS is unset)",
+    )
+    up.add_argument(
+        "--port", type=int, help="HTTP port (default: TADPOLE_PORT / ORHESTRA_PORT / 8080)"
+    )
     up.set_defaults(run=_up)
 
-    api = add("api", "run the HTTP API (gunicorn, one ASGI worker: the single writer and the reapers)")
+    api = add(
+        "api", "run the HTTP API (gunicorn, one ASGI worker: the single writer and the reapers)"
+    )
     api.add_argument("--port", type=int, help="HTTP port")
     api.set_defaults(run=_api)
 

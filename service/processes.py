@@ -91,14 +91,21 @@ def run_projector(settings: Settings, which: str) -> int:
 
 def gunicorn_argv(settings: Settings) -> list[str]:
     return [
-        sys.executable, "-m", "gunicorn",
-        "--worker-class", "uvicorn.workers.UvicornWorker",
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--worker-class",
+        "uvicorn.workers.UvicornWorker",
         # One worker: it is the single writer of every job, block and spot.
-        "--workers", "1",
-        "--bind", f"{settings.host}:{settings.port}",
+        "--workers",
+        "1",
+        "--bind",
+        f"{settings.host}:{settings.port}",
         "--no-control-socket",
-        "--graceful-timeout", "10",
-        "--log-level", settings.log_level.lower(),
+        "--graceful-timeout",
+        "10",
+        "--log-level",
+        settings.log_level.lower(),
         "service.web:app_factory()",
     ]
 
@@ -162,10 +169,10 @@ def run_up(settings: Settings) -> int:
     me = [sys.executable, "-m", "service.cli"]
     supervisor = Supervisor(
         {
-            "api": me + ["api"],
-            "relay": me + ["relay"],
-            "projector-postgres": me + ["project", "postgres"],
-            "projector-redis": me + ["project", "redis"],
+            "api": [*me, "api"],
+            "relay": [*me, "relay"],
+            "projector-postgres": [*me, "project", "postgres"],
+            "projector-redis": [*me, "project", "redis"],
         },
         {**os.environ, **settings.environ()},
     )

@@ -14,15 +14,27 @@ from typing import Any
 #: Every environment variable Tadpole reads, with its default and meaning.
 #: The README's settings table and compose.yaml's test are checked against it.
 ENVIRONMENT: dict[str, tuple[str, str]] = {
-    "DATABASE_URL": ("postgresql://postgres@127.0.0.1:5432/postgres", "PostgreSQL for the event store and read models"),
+    "DATABASE_URL": (
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        "PostgreSQL for the event store and read models",
+    ),
     "REDIS_URL": ("redis://127.0.0.1:6379/0", "Redis for the fast read models"),
-    "KAFKA_BOOTSTRAP_SERVERS": ("", "Kafka brokers; unset: `tadpole up` starts the embedded broker"),
+    "KAFKA_BOOTSTRAP_SERVERS": (
+        "",
+        "Kafka brokers; unset: `tadpole up` starts the embedded broker",
+    ),
     "TADPOLE_PORT": ("", "HTTP port (falls back to ORHESTRA_PORT, then 8080)"),
     "ORHESTRA_PORT": ("8080", "seed 003's name for the HTTP port"),
     "TADPOLE_HOST": ("127.0.0.1", "HTTP bind address"),
-    "TADPOLE_AGENT_KEY": ("", "if set, /internal/v1/* needs X-Orhestra-Key (falls back to ORHESTRA_AGENT_KEY)"),
+    "TADPOLE_AGENT_KEY": (
+        "",
+        "if set, /internal/v1/* needs X-Orhestra-Key (falls back to ORHESTRA_AGENT_KEY)",
+    ),
     "ORHESTRA_AGENT_KEY": ("", "seed 003's name for the agent key"),
-    "TADPOLE_MAX_ATTEMPTS": ("", "claims a task gets before it is FAILED (falls back to ORHESTRA_MAX_ATTEMPTS, then 3)"),
+    "TADPOLE_MAX_ATTEMPTS": (
+        "",
+        "claims a task gets before it is FAILED (falls back to ORHESTRA_MAX_ATTEMPTS, then 3)",
+    ),
     "ORHESTRA_MAX_ATTEMPTS": ("3", "seed 003's name for max attempts"),
     "TADPOLE_SCHEMA": ("tadpole", "PostgreSQL schema for the event store"),
     "TADPOLE_READ_SCHEMA": ("tadpole_read", "PostgreSQL schema for the read models"),
@@ -30,10 +42,16 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "TADPOLE_TOPIC_PREFIX": ("tadpole", "prefix of every Kafka topic and consumer group"),
     "TADPOLE_MAX_SWEEP_TASKS": ("100000", "largest job a sweep may create"),
     "TADPOLE_TASK_REAPER_INTERVAL": ("30", "seconds between TaskReaper runs"),
-    "TADPOLE_TASK_REAPER_THRESHOLD": ("300", "seconds a RUNNING task may go without its holder's heartbeat"),
+    "TADPOLE_TASK_REAPER_THRESHOLD": (
+        "300",
+        "seconds a RUNNING task may go without its holder's heartbeat",
+    ),
     "TADPOLE_SPOT_REAPER_INTERVAL": ("5", "seconds between SpotReaper runs"),
     "TADPOLE_SPOT_TIMEOUT": ("10", "seconds without heartbeat before a spot is DOWN"),
-    "TADPOLE_HEARTBEAT_STORE_INTERVAL": ("5", "store an unchanged spot's heartbeat at most this often (seconds)"),
+    "TADPOLE_HEARTBEAT_STORE_INTERVAL": (
+        "5",
+        "store an unchanged spot's heartbeat at most this often (seconds)",
+    ),
     "TADPOLE_READ_WAIT": ("1.0", "seconds a query waits for the read model to reach the writer"),
     "TADPOLE_LOG_LEVEL": ("INFO", "logging level"),
 }
@@ -115,7 +133,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         return env.get(name) or ENVIRONMENT[name][0]
 
     port_name = "TADPOLE_PORT" if env.get("TADPOLE_PORT") else "ORHESTRA_PORT"
-    attempts_name = "TADPOLE_MAX_ATTEMPTS" if env.get("TADPOLE_MAX_ATTEMPTS") else "ORHESTRA_MAX_ATTEMPTS"
+    attempts_name = (
+        "TADPOLE_MAX_ATTEMPTS" if env.get("TADPOLE_MAX_ATTEMPTS") else "ORHESTRA_MAX_ATTEMPTS"
+    )
     return Settings(
         database_url=text("DATABASE_URL"),
         redis_url=text("REDIS_URL"),

@@ -42,10 +42,17 @@ class Reapers:
 
     async def start(self) -> None:
         self.tasks = [
-            asyncio.create_task(self._loop(ReapSpots(self.settings.spot_timeout),
-                                           self.settings.spot_reaper_interval)),
-            asyncio.create_task(self._loop(ReapTasks(self.settings.task_reaper_threshold),
-                                           self.settings.task_reaper_interval)),
+            asyncio.create_task(
+                self._loop(
+                    ReapSpots(self.settings.spot_timeout), self.settings.spot_reaper_interval
+                )
+            ),
+            asyncio.create_task(
+                self._loop(
+                    ReapTasks(self.settings.task_reaper_threshold),
+                    self.settings.task_reaper_interval,
+                )
+            ),
         ]
 
     async def _leader(self) -> bool:
@@ -102,8 +109,9 @@ class Lifespan:
         reapers = Reapers(s, writer)
         await reapers.start()
         self.holder.update(store=store, writer=writer, reapers=reapers)
-        log.info("API ready: %d open task blocks, %d spots", len(processor.blocks),
-                 len(processor.spots))
+        log.info(
+            "API ready: %d open task blocks, %d spots", len(processor.blocks), len(processor.spots)
+        )
 
     async def process_shutdown(self, scope: Any, event: Any) -> None:
         if "reapers" in self.holder:
@@ -114,7 +122,9 @@ class Lifespan:
         await self.ctx.postgres.close()
 
 
-def build_app(settings: Settings | None = None) -> falcon.asgi.App:
+def build_app(
+    settings: Settings | None = None,
+) -> falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]:
     """The ASGI app for one API worker; connections open at lifespan startup."""
     settings = settings or load_settings()
     configure_logging(settings)
@@ -132,7 +142,7 @@ def build_app(settings: Settings | None = None) -> falcon.asgi.App:
     return create_app(ctx, settings.agent_key, middleware=[Lifespan(settings, ctx, holder)])
 
 
-def app_factory() -> falcon.asgi.App:
+def app_factory() -> falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]:
     """Entry point for gunicorn: ``service.web:app_factory()``."""
     # The writer hands batches to threads and back; a short GIL switch interval
     # keeps those hand-offs from waiting behind the event loop (default 5 ms).

@@ -227,8 +227,14 @@ class Projector:
         )
         self._dlq.flush(5)
         self.dead_lettered += 1
-        log.warning("%s: dead-lettered %s[%s]@%s: %s", self.model.name, topic,
-                    msg.partition(), msg.offset(), reason)
+        log.warning(
+            "%s: dead-lettered %s[%s]@%s: %s",
+            self.model.name,
+            topic,
+            msg.partition(),
+            msg.offset(),
+            reason,
+        )
         try:
             uuid = UUID((msg.key() or b"").decode())
         except ValueError:

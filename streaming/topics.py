@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]  # not re-exported in the stubs
+from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
+_client_log = logging.getLogger(f"{__name__}.librdkafka")
 
 ConfigValue = str | int | float | bool
 """A librdkafka configuration value."""
@@ -51,6 +51,14 @@ WORKLOAD_RETENTION_MS: Final = 7 * 24 * 3600 * 1000  # 604800000
 AGENT_LIFECYCLE_RETENTION_MS: Final = 14 * 24 * 3600 * 1000  # 1209600000
 DEAD_LETTER_RETENTION_MS: Final = AGENT_LIFECYCLE_RETENTION_MS
 """Dead letters wait for a human, so they are kept as long as the longest topic."""
+
+MESSAGE_TIMEOUT_MS: Final = 20_000
+"""A message not acknowledged within this fails in its delivery report.
+
+Shorter than the relay's 30 s flush, so a batch has settled (each message
+delivered or failed) by the time the relay gives up on it, instead of lingering
+in the producer for librdkafka's default 5 minutes and landing behind its retry.
+"""
 
 COMPRESSION: Final = "lz4"
 """Tansu stores and serves lz4 batches as they are (checked end to end)."""
@@ -169,9 +177,7 @@ class TopicCatalogue:
         )
 
 
-def ensure_topics(
-    bootstrap_servers: str, catalogue: TopicCatalogue, timeout: float = 10.0
-) -> None:
+def ensure_topics(bootstrap_servers: str, catalogue: TopicCatalogue, timeout: float = 10.0) -> None:
     """Create every topic of ``catalogue`` that the broker does not have.
 
     Idempotent and safe to race with other processes doing the same: a topic
@@ -197,15 +203,24 @@ def ensure_topics(
             "bootstrap.servers": bootstrap_servers,
             "allow.auto.create.topics": False,
             "socket.connection.setup.timeout.ms": max(1000, int(timeout * 1000)),
-        }
+            "reconnect.backoff.max.ms": 1000,
+        },
+        logger=_client_log,  # Python logging, not librdkafka's default (stderr)
     )
     specs = {spec.name: spec for spec in catalogue.specs()}
-    present = _partition_counts(admin, list(specs), deadline, bootstrap_servers)
+    metadata = _metadata(admin, deadline, bootstrap_servers)
+    present = {
+        name: len(metadata.topics[name].partitions)
+        for name in specs
+        if name in metadata.topics and metadata.topics[name].error is None
+    }
     for name, count in present.items():
         if count != specs[name].partitions:
             log.warning(
                 "topic %s has %d partitions, not %d; leaving it as it is",
-                name, count, specs[name].partitions,
+                name,
+                count,
+                specs[name].partitions,
             )
     missing = [spec for name, spec in specs.items() if name not in present]
     if not missing:
@@ -225,23 +240,15 @@ def _remaining(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.1)
 
 
-def _partition_counts(
-    admin: AdminClient, names: list[str], deadline: float, bootstrap_servers: str
-) -> dict[str, int]:
-    """The partition counts of those of ``names`` that exist."""
+def _metadata(admin: AdminClient, deadline: float, bootstrap_servers: str) -> ClusterMetadata:
     try:
-        metadata = admin.list_topics(timeout=_remaining(deadline))
-    except KafkaException as error:
-        kafka_error = error.args[0] if error.args else None
+        return admin.list_topics(timeout=_remaining(deadline))
+    except KafkaException as failure:
+        error = failure.args[0] if failure.args else None
         raise TopicError(
-            f"cannot list the topics of {bootstrap_servers}: {error}",
-            error=kafka_error if isinstance(kafka_error, KafkaError) else None,
-        ) from error
-    return {
-        name: len(metadata.topics[name].partitions)
-        for name in names
-        if name in metadata.topics and metadata.topics[name].error is None
-    }
+            f"cannot list the topics of {bootstrap_servers}: {failure}",
+            error=error if isinstance(error, KafkaError) else None,
+        ) from None
 
 
 def _create(
@@ -258,9 +265,7 @@ def _create(
         for spec in specs
     ]
     timeout = _remaining(deadline)
-    futures = admin.create_topics(
-        new_topics, operation_timeout=timeout, request_timeout=timeout
-    )
+    futures = admin.create_topics(new_topics, operation_timeout=timeout, request_timeout=timeout)
     rejected: list[TopicSpec] = []
     for spec in specs:
         try:
@@ -288,7 +293,7 @@ def _await_topics(
     """Wait until the metadata shows every topic of ``specs`` with all partitions led."""
     pause = 0.01
     while True:
-        metadata = admin.list_topics(timeout=_remaining(deadline))
+        metadata = _metadata(admin, deadline, bootstrap_servers)
         waiting = [
             spec.name
             for spec in specs
@@ -332,6 +337,7 @@ def producer_config(bootstrap_servers: str, **overrides: ConfigValue) -> dict[st
         "linger.ms": 5,
         "compression.type": COMPRESSION,
         "allow.auto.create.topics": False,
+        "message.timeout.ms": MESSAGE_TIMEOUT_MS,
         "reconnect.backoff.ms": 50,
         "reconnect.backoff.max.ms": 1000,
     }

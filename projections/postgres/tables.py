@@ -220,8 +220,8 @@ class PostgresReadModel:
     ) -> None:
         """One UPDATE ... FROM unnest per set of changed columns."""
         groups: dict[tuple[str, ...], list[str]] = {}
-        for key, columns in rows.items():
-            groups.setdefault(tuple(sorted(columns)), []).append(key)
+        for key, changed in rows.items():
+            groups.setdefault(tuple(sorted(changed)), []).append(key)
         for columns, keys in groups.items():
             sets = ", ".join(f"{col} = u.{col}" for col in columns)
             casts = ", ".join(f"%s::{_TYPES[col]}[]" for col in columns)
@@ -246,7 +246,6 @@ class PostgresReadModel:
                 ).fetchall()
                 out[table] = [tuple(r) for r in rows]
         return out
-
 
 
 _TYPES = {
@@ -305,8 +304,15 @@ class _Changes:
 
     def _on_Job_Created(self, m: EventMessage) -> None:
         sweep = Sweep.from_json(m.data["sweep"])
-        self.jobs.append(("job-" + m.aggregate_id.hex, m.data["total_tasks"], sweep.jar_path,
-                          sweep.main_class, m.timestamp))
+        self.jobs.append(
+            (
+                "job-" + m.aggregate_id.hex,
+                m.data["total_tasks"],
+                sweep.jar_path,
+                sweep.main_class,
+                m.timestamp,
+            )
+        )
 
     def _on_TaskBlock_Created(self, m: EventMessage) -> None:
         d = m.data
@@ -314,36 +320,55 @@ class _Changes:
         job = UUID(hex=d["job_id"].removeprefix("job-"))
         indexes = range(d["first"], d["first"] + d["count"])
         params = [sweep.params(i) for i in indexes]
-        self.task_inserts.append((
-            [task_id(job, i) for i in indexes],
-            [d["job_id"]] * len(indexes),
-            list(indexes),
-            [p.algorithm for p in params],
-            [p.iterations for p in params],
-            [p.agents for p in params],
-            [p.dimension for p in params],
-        ))
+        self.task_inserts.append(
+            (
+                [task_id(job, i) for i in indexes],
+                [d["job_id"]] * len(indexes),
+                list(indexes),
+                [p.algorithm for p in params],
+                [p.iterations for p in params],
+                [p.agents for p in params],
+                [p.dimension for p in params],
+            )
+        )
 
     def _on_TaskBlock_Claimed(self, m: EventMessage) -> None:
         d = m.data
         n = len(d["indexes"])
-        self._set_tasks(self._task_ids(d), status=["RUNNING"] * n, assigned_to=d["holders"],
-                        fence_token=d["fences"], attempts=d["attempts"],
-                        started_at=[d["at"]] * n, error=[None] * n)
+        self._set_tasks(
+            self._task_ids(d),
+            status=["RUNNING"] * n,
+            assigned_to=d["holders"],
+            fence_token=d["fences"],
+            attempts=d["attempts"],
+            started_at=[d["at"]] * n,
+            error=[None] * n,
+        )
 
     def _on_TaskBlock_Completed(self, m: EventMessage) -> None:
         d = m.data
         n = len(d["indexes"])
-        self._set_tasks(self._task_ids(d), status=["DONE"] * n, assigned_to=[None] * n,
-                        finished_at=[d["at"]] * n, runtime_ms=d["runtime_ms"], iter=d["iters"],
-                        fopt=d["fopts"], result_json=d["results"])
+        self._set_tasks(
+            self._task_ids(d),
+            status=["DONE"] * n,
+            assigned_to=[None] * n,
+            finished_at=[d["at"]] * n,
+            runtime_ms=d["runtime_ms"],
+            iter=d["iters"],
+            fopt=d["fopts"],
+            result_json=d["results"],
+        )
         self._count(d["job_id"], n, 0, d["at"])
 
     def _finish(self, d: dict[str, Any], errors: list[str]) -> None:
         statuses = ["NEW" if r else "FAILED" for r in d["retried"]]
-        self._set_tasks(self._task_ids(d), status=statuses, assigned_to=[None] * len(statuses),
-                        error=errors,
-                        finished_at=[d["at"] if s == "FAILED" else None for s in statuses])
+        self._set_tasks(
+            self._task_ids(d),
+            status=statuses,
+            assigned_to=[None] * len(statuses),
+            error=errors,
+            finished_at=[d["at"] if s == "FAILED" else None for s in statuses],
+        )
         self._count(d["job_id"], 0, statuses.count("FAILED"), d["at"])
 
     def _on_TaskBlock_Failed(self, m: EventMessage) -> None:
@@ -359,8 +384,12 @@ class _Changes:
     def _on_Spot_HeartbeatRecorded(self, m: EventMessage) -> None:
         d = m.data
         self.spots.setdefault(spot_id(m.aggregate_id), {}).update(
-            ip_address=d["ip_address"], cpu_load=d["cpu_load"], running_tasks=d["running_tasks"],
-            total_cores=d["total_cores"], last_heartbeat=d["at"])
+            ip_address=d["ip_address"],
+            cpu_load=d["cpu_load"],
+            running_tasks=d["running_tasks"],
+            total_cores=d["total_cores"],
+            last_heartbeat=d["at"],
+        )
 
     def _on_Spot_MarkedDown(self, m: EventMessage) -> None:
         self.spots.setdefault(spot_id(m.aggregate_id), {})["status"] = "DOWN"

@@ -144,7 +144,7 @@ class RedisReadModel:
 
     def __init__(self, url: str, prefix: str):
         self.keys = RedisKeys(prefix)
-        self.client: redis.Redis = redis.Redis.from_url(url, protocol=2)
+        self.client: redis.Redis = redis.Redis.from_url(url, protocol=2, decode_responses=True)
         self._apply = self.client.register_script(APPLY)
 
     def close(self) -> None:
@@ -182,14 +182,13 @@ class RedisReadModel:
     def dump(self) -> dict[str, Any]:
         """Every dashboard key and its value, for comparing with a rebuild."""
         out: dict[str, Any] = {}
-        for name in self.client.scan_iter(match=f"{self.keys.prefix}:*", count=1000):
-            key = name.decode()
+        for key in self.client.scan_iter(match=f"{self.keys.prefix}:*", count=1000):
             short = key[len(self.keys.prefix) :]
             if short == ":meta" or short.startswith(":metrics:"):
                 continue
-            kind = self.client.type(name).decode()
+            kind = self.client.type(key)
             if kind == "hash":
-                out[short] = {k.decode(): v.decode() for k, v in self.client.hgetall(name).items()}
+                out[short] = self.client.hgetall(key)
             elif kind == "zset":
-                out[short] = [m.decode() for m in self.client.zrange(name, 0, -1)]
+                out[short] = self.client.zrange(key, 0, -1)
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -31,8 +32,9 @@ def free_port() -> int:
 
 def http(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -73,11 +75,17 @@ class Stack:
         out = self.log.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "up"],
-            env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_for(lambda: http("GET", self.base + "/api/v1/health")[0] == 200, timeout,
-                 f"`tadpole up` to answer (log: {self.log})")
+        wait_for(
+            lambda: http("GET", self.base + "/api/v1/health")[0] == 200,
+            timeout,
+            f"`tadpole up` to answer (log: {self.log})",
+        )
 
     def children(self) -> dict[str, int]:
         """pid of each supervised child, by role (api, relay, projector-postgres...)."""
@@ -113,10 +121,8 @@ class Stack:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         # Nothing of the old tree may survive (a stray child would keep the port).
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def stack_env(port: int, name: str) -> dict[str, str]:

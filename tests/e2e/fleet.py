@@ -48,14 +48,22 @@ class Fleet:
         while not self.stop.is_set():
             try:
                 if spot_id is None:
-                    status, body = http("POST", self.base + "/internal/v1/hello",
-                                        {"ipAddress": "127.0.0.1"}, timeout=5)
+                    status, body = http(
+                        "POST",
+                        self.base + "/internal/v1/hello",
+                        {"ipAddress": "127.0.0.1"},
+                        timeout=5,
+                    )
                     if status != 200:
                         continue
                     spot_id = body["spotId"]
                 http("POST", self.base + "/internal/v1/heartbeat", {"spotId": spot_id}, timeout=5)
-                status, body = http("POST", self.base + "/internal/v1/tasks/claim",
-                                    {"spotId": spot_id, "maxTasks": 5}, timeout=5)
+                status, body = http(
+                    "POST",
+                    self.base + "/internal/v1/tasks/claim",
+                    {"spotId": spot_id, "maxTasks": 5},
+                    timeout=5,
+                )
                 if status == 404:
                     spot_id = None  # the stack lost us? register again
                     continue
@@ -74,7 +82,8 @@ class Fleet:
         for _ in range(300):
             try:
                 status, answer = http(
-                    "POST", f"{self.base}/internal/v1/tasks/{task['id']}/complete", body, timeout=5)
+                    "POST", f"{self.base}/internal/v1/tasks/{task['id']}/complete", body, timeout=5
+                )
             except OSError as error:
                 self.errors.append(str(error))
                 self.stop.wait(0.2)
@@ -99,7 +108,9 @@ def lease_violations(events: list[Any]) -> list[str]:
             status, holder, fence = state.get(key, ("NEW", None, 0))
             if kind == "TaskBlock.Claimed":
                 if status != "NEW":
-                    problems.append(f"{key} claimed by {e.holders[n]} while {status} under {holder}")
+                    problems.append(
+                        f"{key} claimed by {e.holders[n]} while {status} under {holder}"
+                    )
                 if e.fences[n] != fence + 1:
                     problems.append(f"{key} fence {e.fences[n]} after {fence}")
                 state[key] = ("RUNNING", e.holders[n], e.fences[n])

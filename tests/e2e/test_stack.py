@@ -38,8 +38,12 @@ def test_seed_smoke_script_runs_unchanged_against_tadpole_up(make_stack: Any) ->
     stack: Stack = make_stack(port=8080)
     stack.start()
 
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "smoke_test.sh")],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "smoke_test.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     assert run.returncode == 0, run.stderr
     job = _section(run.stdout, "=== 7. Check Job Status ===")
@@ -108,15 +112,21 @@ def test_killing_relay_and_projector_under_load_loses_nothing(make_stack: Any) -
             pid = stack.children()[role]
             subprocess.run(["kill", "-9", str(pid)], check=True)
             killed.append(role)
-            wait_for(lambda role=role, pid=pid: stack.children().get(role) not in (None, pid),
-                     20, f"{role} restarted")
+            wait_for(
+                lambda role=role, pid=pid: stack.children().get(role) not in (None, pid),
+                20,
+                f"{role} restarted",
+            )
         wait_for(lambda: _job_done(stack, created["jobId"], 3000), 120, "the job to finish")
     finally:
         fleet.join()
 
     assert len(fleet.acknowledged) == 3000
-    equal = wait_for(lambda: _rebuild_equals_live(stack, stack.extra["name"] + "x")[0], 60,
-                     "live read models to equal a rebuild from the store")
+    equal = wait_for(
+        lambda: _rebuild_equals_live(stack, stack.extra["name"] + "x")[0],
+        60,
+        "live read models to equal a rebuild from the store",
+    )
     assert equal
     store = _store(stack)
     try:
@@ -148,20 +158,32 @@ def test_stopping_the_whole_stack_mid_load_keeps_every_acknowledged_change(
         stack.start()
         # Every change acknowledged before the stop shows in both read models afterwards.
         results = wait_for(
-            lambda: (lambda r: r if r[0] == 200 and {x["taskId"] for x in r[1]["results"]} >= before
-                     else None)(http("GET", f"{stack.base}/api/v1/jobs/{job_id}/results")),
-            60, "acknowledged completions in the PostgreSQL read model")
+            lambda: (
+                lambda r: (
+                    r if r[0] == 200 and {x["taskId"] for x in r[1]["results"]} >= before else None
+                )
+            )(http("GET", f"{stack.base}/api/v1/jobs/{job_id}/results")),
+            60,
+            "acknowledged completions in the PostgreSQL read model",
+        )
         assert {x["taskId"] for x in results[1]["results"]} >= before
         job = wait_for(
-            lambda: (lambda r: r[1] if r[0] == 200 and r[1]["completedTasks"] >= len(before)
-                     else None)(http("GET", f"{stack.base}/api/v1/jobs/{job_id}")),
-            60, "acknowledged completions in the Redis read model")
+            lambda: (
+                lambda r: r[1] if r[0] == 200 and r[1]["completedTasks"] >= len(before) else None
+            )(http("GET", f"{stack.base}/api/v1/jobs/{job_id}")),
+            60,
+            "acknowledged completions in the Redis read model",
+        )
         assert job["completedTasks"] >= len(before)
         wait_for(lambda: _job_done(stack, job_id, 2000), 120, "the job to finish after restart")
     finally:
         fleet.join()
     assert len(fleet.acknowledged) == 2000
     ok, detail = wait_for(
-        lambda: (lambda r: r if r[0] else None)(_rebuild_equals_live(stack, stack.extra["name"] + "y")),
-        60, "read models equal to a rebuild after the restart")
+        lambda: (lambda r: r if r[0] else None)(
+            _rebuild_equals_live(stack, stack.extra["name"] + "y")
+        ),
+        60,
+        "read models equal to a rebuild after the restart",
+    )
     assert ok, detail

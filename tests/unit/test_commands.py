@@ -9,7 +9,6 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from eventsourcing.domain import Aggregate
 
 from domain.commands import (
     BLOCK_SIZE,
