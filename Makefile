@@ -44,7 +44,13 @@ typecheck: $(STAMP)
 schemas: $(STAMP) ## regenerate schemas/avro/*.avsc from the event classes
 	$(BIN)/tadpole schemas --write
 
-bench: $(STAMP) ## run the throughput benchmark against Tadpole, PgQueuer and DBOS
+PEERS := bench/.venv-peers
+$(PEERS)/.installed: bench/requirements-peers.txt
+	@test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet -r bench/requirements-peers.txt
+	@touch $@
+
+bench: $(STAMP) $(PEERS)/.installed ## benchmark Tadpole beside PgQueuer and DBOS (bench/results/latest.json)
 	$(BIN)/python bench/run.py
 
 clean:
