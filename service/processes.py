@@ -36,6 +36,7 @@ def require_broker(settings: Settings) -> str:
 
 
 def run_relay(settings: Settings) -> int:
+    from projections.redis.dashboards import LagSamples
     from streaming.relay import Relay, RelayPosition
     from streaming.topics import TopicCatalogue
 
@@ -47,6 +48,7 @@ def run_relay(settings: Settings) -> int:
         RelayPosition(settings.database_url, settings.store_schema),
         bootstrap,
         TopicCatalogue(settings.topic_prefix),
+        lag=LagSamples(settings.redis_url, settings.redis_prefix, "relay"),
     )
     _on_signals(relay.stop)
     log.info("relay: store schema %s → %s", settings.store_schema, bootstrap)

@@ -24,6 +24,7 @@ from psycopg import sql
 
 from domain.store import TadpoleStore
 from schemas.codec import Codec, EventMessage, message_from_event
+from streaming.consumer import LagRecorder
 from streaming.topics import TopicCatalogue, ensure_topics, producer_config
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class Relay:
         bootstrap_servers: str,
         catalogue: TopicCatalogue,
         idle_wait: float = 0.005,
+        lag: LagRecorder | None = None,
     ):
         self.store = store
         self.position = position
@@ -96,6 +98,7 @@ class Relay:
         self.stopping = threading.Event()
         self.producer = self._new_producer()
         self.relayed = 0
+        self.lag = lag
 
     def _new_producer(self) -> Producer:
         ensure_topics(self.bootstrap, self.catalogue)
@@ -134,12 +137,16 @@ class Relay:
             if error is not None:
                 errors.append(error)
 
-        for n in notifications:
-            message = message_from_event(self.store.mapper.to_domain_event(n), n.id)
+        messages = [
+            message_from_event(self.store.mapper.to_domain_event(n), n.id) for n in notifications
+        ]
+        for message in messages:
             self._produce(message, delivered)
         remaining = self.producer.flush(30)
         if remaining or errors:
             raise DeliveryError(errors or [KafkaError(KafkaError._MSG_TIMED_OUT)])
+        if self.lag is not None:
+            self.lag.record(messages)
         last = notifications[-1].id
         self.position.set(last)
         self.relayed += len(notifications)
