@@ -66,18 +66,21 @@ class AuditLog:
         """Every event of the entity in order, or None if there is no such entity."""
         try:
             if aggregate == "job":
-                return self._whole(parse_job_id(entity_id))
+                return self._whole(parse_job_id(entity_id), "Job.Created")
             if aggregate == "spot":
-                return self._whole(parse_spot_id(entity_id))
+                return self._whole(parse_spot_id(entity_id), "Spot.Registered")
             if aggregate == "task":
                 return self._task(entity_id)
         except UnknownIdError:
             return None
         return None
 
-    def _whole(self, uuid: UUID) -> list[dict[str, Any]] | None:
+    def _whole(self, uuid: UUID, created: str) -> list[dict[str, Any]] | None:
+        """The aggregate's events, if it is of the kind whose first event is ``created``."""
         events = [_record(e, _fields(e)) for e in self.source.stored_events(uuid)]
-        return events or None
+        if not events or events[0]["type"] != created:
+            return None
+        return events
 
     def _task(self, entity_id: str) -> list[dict[str, Any]] | None:
         ref = parse_task_id(entity_id)

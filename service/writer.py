@@ -63,6 +63,9 @@ class GroupCommitWriter:
             while self._pending:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
+                # Only a save still under way when this batch is decided can void it:
+                # one that already failed made the processor reload before deciding.
+                in_flight = saving if saving is not None and not saving.done() else None
                 try:
                     decided = await asyncio.to_thread(
                         self.processor.decide, [c for c, _ in batch], datetime.now(UTC)
@@ -71,7 +74,7 @@ class GroupCommitWriter:
                     log.exception("deciding a batch failed")
                     self._fail(batch, error)
                     continue
-                previous = saving
+                previous = in_flight
                 saving = asyncio.get_running_loop().create_task(
                     self._store(previous, batch, decided)
                 )
