@@ -11,10 +11,13 @@ loopback port and waits until it answers the Kafka protocol::
 The storage engine is ``memory://``: nothing survives :meth:`EmbeddedBroker.stop`
 or :meth:`EmbeddedBroker.restart`. A restarted broker listens on the same port
 but is *empty*: no topics, no committed offsets, no consumer groups and no
-idempotent-producer state. Clients connected before the restart reconnect by
-themselves; the topics must be created again (:func:`streaming.topics.ensure_topics`).
+idempotent-producer state, and it reports a new cluster id
+(:attr:`EmbeddedBroker.cluster_id`). The topics must be created again
+(:func:`streaming.topics.ensure_topics`). Consumers reconnect and rejoin by
+themselves; an idempotent producer from before the restart does *not* recover
+and must be replaced (``tests/integration/test_broker.py`` has the details).
 
-Observed Tansu 0.6.0 behaviour worth knowing (see ``tests/integration``):
+Observed Tansu 0.6.0 behaviour worth knowing (pinned down by those tests):
 
 * it auto-creates unknown topics (with 4 partitions) on metadata and produce
   requests unless the client sends ``allow.auto.create.topics=false``, which the
@@ -22,6 +25,12 @@ Observed Tansu 0.6.0 behaviour worth knowing (see ``tests/integration``):
 * a consumer group's first join takes about half of ``session.timeout.ms``;
 * a fetch with nothing to return waits the whole ``fetch.wait.max.ms``, it is
   not woken by a produce, so that setting bounds the consumer's added latency;
+* after a restart it hands out producer ids from the start again, so a stale
+  idempotent producer can share its id with a new one;
+* ListOffsets for the end of a partition answers the last *batch's* base
+  offset + 1 (wrong after a batch of several records); fetches are right;
+* on SIGTERM it lingers 5 s while clients are connected; on SIGINT it exits at
+  once (which :meth:`EmbeddedBroker.stop` uses);
 * CreatePartitions is not supported.
 
 The broker's own output goes to a temporary log file (removed by :meth:`stop`)

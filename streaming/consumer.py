@@ -181,7 +181,7 @@ class Projector:
                 self.catch_up()
                 last_reconcile = time.monotonic()
 
-    def poll_once(self, timeout: float = 0.05) -> int:
+    def poll_once(self, timeout: float = 0.02) -> int:
         assert self.consumer is not None
         raw = self.consumer.consume(num_messages=500, timeout=timeout)
         if not raw:

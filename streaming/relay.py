@@ -7,8 +7,11 @@ the new position in PostgreSQL. Killed at any point, it re-sends at most the
 batch it was on; consumers ignore what they have already applied.
 
 A broker that comes back empty (the embedded one keeps nothing) is handled by
-creating the topics again; a producer in a fatal state is replaced. What the
-empty broker lost is not re-sent: the projections heal from the store.
+creating the topics again and replacing the producer: an idempotent producer
+that outlived the broker's state never recovers (it times out, never fatally)
+and its "deliveries" to the new broker may be dropped, so the producer is
+replaced as soon as it reports the broker gone, and after any failed batch. What
+the empty broker lost is not re-sent: the projections heal from the store.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -40,7 +44,9 @@ class RelayPosition:
     """The relay's position in the notification log, in PostgreSQL."""
 
     def __init__(self, conninfo: str, schema: str, name: str = "relay"):
-        self.conn = psycopg.connect(conninfo, autocommit=True)
+        # A position lost in a crash only means re-sending a batch (consumers
+        # ignore duplicates), so its commits need not wait for the WAL flush.
+        self.conn = psycopg.connect(conninfo, autocommit=True, options="-c synchronous_commit=off")
         self.table = sql.Identifier(schema, "relay_position")
         self.name = name
         self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
@@ -96,13 +102,29 @@ class Relay:
         self.codec = Codec()
         self.idle_wait = idle_wait
         self.stopping = threading.Event()
+        #: Set when the broker went away (it may come back empty) or a batch failed:
+        #: the producer is not to be trusted and is replaced before the next batch.
+        self.producer_stale = threading.Event()
         self.producer = self._new_producer()
         self.relayed = 0
         self.lag = lag
 
     def _new_producer(self) -> Producer:
         ensure_topics(self.bootstrap, self.catalogue)
-        return Producer(producer_config(self.bootstrap))
+        stale = threading.Event()  # this producer's own: a dropped one cannot set it
+
+        def on_error(error: KafkaError) -> None:
+            """Client-level errors (served by poll/flush): is the broker gone?"""
+            if error.fatal() or error.code() in (
+                KafkaError._ALL_BROKERS_DOWN,
+                KafkaError._TRANSPORT,
+            ):
+                stale.set()
+
+        config: dict[str, Any] = {**producer_config(self.bootstrap), "error_cb": on_error}
+        producer = Producer(config)
+        self.producer_stale = stale
+        return producer
 
     def run(self, on_batch: Callable[[int], None] | None = None) -> None:
         """Relay until :meth:`stop`; retries broker trouble with a growing pause."""
@@ -131,6 +153,9 @@ class Relay:
         notifications = self.store.notifications(after, BATCH)
         if not notifications:
             return 0
+        self.producer.poll(0)  # serves error_cb: did the broker go away while we idled?
+        if self.producer_stale.is_set():
+            raise DeliveryError([KafkaError(KafkaError._ALL_BROKERS_DOWN)])
         errors: list[KafkaError] = []
 
         def delivered(error: KafkaError | None, _msg: object) -> None:
@@ -142,8 +167,11 @@ class Relay:
         ]
         for message in messages:
             self._produce(message, delivered)
-        remaining = self.producer.flush(30)
-        if remaining or errors:
+        deadline = time.monotonic() + 30
+        remaining = self.producer.flush(0.1)
+        while remaining and not self.producer_stale.is_set() and time.monotonic() < deadline:
+            remaining = self.producer.flush(0.1)
+        if remaining or errors or self.producer_stale.is_set():
             raise DeliveryError(errors or [KafkaError(KafkaError._MSG_TIMED_OUT)])
         if self.lag is not None:
             self.lag.record(messages)
@@ -168,15 +196,17 @@ class Relay:
                 self.producer.poll(0.05)
 
     def _recover(self, error: Exception) -> None:
-        """Recreate topics (an empty broker) and replace the producer if it is fatal."""
+        """Recreate the topics (an empty broker) and replace the producer.
+
+        After broker trouble the producer is not trusted, fatal or not (see the
+        module docstring): what it holds is purged (the batch is sent again) and a
+        new one is made once the broker answers; until then every batch fails fast.
+        """
+        self.producer_stale.set()
         try:
-            fatal = isinstance(error, KafkaException) and error.args[0].fatal()
-            errors = error.errors if isinstance(error, DeliveryError) else []
-            fatal = fatal or any(e.fatal() for e in errors)
-            if fatal:
-                log.warning("relay: producer is in a fatal state; replacing it")
-            self.producer = self._new_producer() if fatal else self.producer
-            ensure_topics(self.bootstrap, self.catalogue)
+            self.producer.purge()
+            self.producer.flush(0)
+            self.producer = self._new_producer()
         except (KafkaException, RuntimeError) as again:
             log.warning("relay: broker still unavailable: %s", again)
 

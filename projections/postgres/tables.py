@@ -83,7 +83,12 @@ class PostgresReadModel:
 
     def __init__(self, conninfo: str, schema: str):
         self.schema = schema
-        self.conn = psycopg.connect(conninfo, autocommit=False)
+        # Derived data: a commit lost in a crash leaves the model (and its tracking,
+        # committed atomically with it) a little behind, and the store heals it, so
+        # read-model commits need not wait for the WAL flush the event store waits for.
+        self.conn = psycopg.connect(
+            conninfo, autocommit=False, options="-c synchronous_commit=off"
+        )
         self._s = sql.Identifier(schema)
 
     def close(self) -> None:
