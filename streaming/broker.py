@@ -269,6 +269,7 @@ class EmbeddedBroker:
             except BrokerError:
                 self._terminate()
                 if attempt == attempts:
+                    self.stop()  # the error quotes the output; a temporary log goes
                     raise
                 log.info("embedded broker did not start on port %d; trying another", self._port)
                 self._port = None
@@ -436,9 +437,10 @@ class EmbeddedBroker:
                 text = handle.read().decode(errors="replace").strip()
         except OSError as error:
             return f" (cannot read its log {path}: {error})"
+        where = "" if path == self._temp_log else f" ({path})"
         if not text:
-            return f" (its log {path} is empty)"
-        return f"; its output ({path}) ends with:\n{text}"
+            return f" (its output{where} is empty)"
+        return f"; its output{where} ends with:\n{text}"
 
     def _terminate(self) -> None:
         process, self._process = self._process, None
