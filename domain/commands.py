@@ -207,6 +207,11 @@ class CommandProcessor:
 
     # ---- state -------------------------------------------------------------------
 
+    @property
+    def needs_recovery(self) -> bool:
+        """True when the in-memory state must be reloaded from the store first."""
+        return self._stale
+
     def recover(self, now: datetime) -> None:
         """Load every spot and every unfinished block from the store."""
         self.jobs.clear()

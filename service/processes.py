@@ -119,9 +119,12 @@ def run_api(settings: Settings) -> int:
 class Supervisor:
     """Runs the children of `tadpole up`, restarting any that dies, until stopped."""
 
-    def __init__(self, commands: dict[str, list[str]], env: dict[str, str]):
+    def __init__(
+        self, commands: dict[str, list[str]], env: dict[str, str], nice: dict[str, int] | None = None
+    ):
         self.commands = commands
         self.env = env
+        self.nice = nice or {}
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.stopping = threading.Event()
 
@@ -130,7 +133,12 @@ class Supervisor:
             self._spawn(name)
 
     def _spawn(self, name: str) -> None:
-        self.children[name] = subprocess.Popen(self.commands[name], env=self.env)
+        increment = self.nice.get(name, 0)
+        self.children[name] = subprocess.Popen(
+            self.commands[name],
+            env=self.env,
+            preexec_fn=(lambda: os.nice(increment)) if increment else None,
+        )
         log.info("started %s (pid %d)", name, self.children[name].pid)
 
     def watch(self) -> None:
@@ -177,6 +185,9 @@ def run_up(settings: Settings) -> int:
             "projector-redis": [*me, "project", "redis"],
         },
         {**os.environ, **settings.environ()},
+        # The command path waits on every hop between its threads and PostgreSQL;
+        # the background processes yield the CPU to it and keep their lag small anyway.
+        nice={"relay": 5, "projector-postgres": 5, "projector-redis": 5},
     )
     _on_signals(supervisor.stopping.set)
     supervisor.start()

@@ -146,5 +146,5 @@ def app_factory() -> falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]:
     """Entry point for gunicorn: ``service.web:app_factory()``."""
     # The writer hands batches to threads and back; a short GIL switch interval
     # keeps those hand-offs from waiting behind the event loop (default 5 ms).
-    sys.setswitchinterval(0.0005)
+    sys.setswitchinterval(0.0001)
     return build_app()

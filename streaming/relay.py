@@ -94,6 +94,7 @@ class Relay:
         catalogue: TopicCatalogue,
         idle_wait: float = 0.005,
         lag: LagRecorder | None = None,
+        confirm_interval: float = 0.05,
     ):
         self.store = store
         self.position = position
@@ -101,6 +102,7 @@ class Relay:
         self.catalogue = catalogue
         self.codec = Codec()
         self.idle_wait = idle_wait
+        self.confirm_interval = confirm_interval
         self.stopping = threading.Event()
         #: Set when the broker went away (it may come back empty) or a batch failed:
         #: the producer is not to be trusted and is replaced before the next batch.
@@ -127,36 +129,65 @@ class Relay:
         return producer
 
     def run(self, on_batch: Callable[[int], None] | None = None) -> None:
-        """Relay until :meth:`stop`; retries broker trouble with a growing pause."""
+        """Relay until :meth:`stop`; retries broker trouble with a growing pause.
+
+        It produces continuously and confirms in rounds: every ``confirm_interval``
+        (or when it has caught up) it waits for the broker to acknowledge what it
+        produced and only then records the position. A failed round is re-sent
+        from the last recorded position.
+        """
         pause = 0.1
-        position = self.position.get()
-        log.info("relay starts after store position %d", position)
+        produced = self.position.get()
+        log.info("relay starts after store position %d", produced)
+        unconfirmed: list[EventMessage] = []
+        errors: list[KafkaError] = []
+        since = time.monotonic()
         while not self.stopping.is_set():
             try:
-                moved = self.relay_once(position)
+                sent = self._send(produced, errors)
+                if sent:
+                    if not unconfirmed:
+                        since = time.monotonic()
+                    unconfirmed.extend(sent)
+                    produced = sent[-1].position
+                if unconfirmed and (
+                    not sent or time.monotonic() - since >= self.confirm_interval
+                ):
+                    self._confirm(errors)
+                    self._record(unconfirmed)
+                    unconfirmed, errors = [], []
+                    if on_batch:
+                        on_batch(produced)
             except (DeliveryError, KafkaException) as error:
                 log.warning("relay: broker trouble (%s); retrying in %.1fs", error, pause)
                 self.stopping.wait(pause)
                 pause = min(pause * 2, 5.0)
                 self._recover(error)
+                produced = self.position.get()
+                unconfirmed, errors = [], []
                 continue
             pause = 0.1
-            if moved:
-                position = moved
-                if on_batch:
-                    on_batch(position)
-            else:
+            if not sent:
                 self.stopping.wait(self.idle_wait)
 
     def relay_once(self, after: int) -> int:
-        """Relay one batch after ``after``; return the new position (0: nothing new)."""
+        """Relay one batch after ``after`` and confirm it; the new position (0: nothing new)."""
+        errors: list[KafkaError] = []
+        sent = self._send(after, errors)
+        if not sent:
+            return 0
+        self._confirm(errors)
+        self._record(sent)
+        return sent[-1].position
+
+    def _send(self, after: int, errors: list[KafkaError]) -> list[EventMessage]:
+        """Produce the events after ``after`` (not waiting for acknowledgements)."""
         notifications = self.store.notifications(after, BATCH)
         if not notifications:
-            return 0
+            return []
         self.producer.poll(0)  # serves error_cb: did the broker go away while we idled?
         if self.producer_stale.is_set():
             raise DeliveryError([KafkaError(KafkaError._ALL_BROKERS_DOWN)])
-        errors: list[KafkaError] = []
 
         def delivered(error: KafkaError | None, _msg: object) -> None:
             if error is not None:
@@ -167,18 +198,22 @@ class Relay:
         ]
         for message in messages:
             self._produce(message, delivered)
+        return messages
+
+    def _confirm(self, errors: list[KafkaError]) -> None:
+        """Wait until the broker acknowledged everything produced, or raise."""
         deadline = time.monotonic() + 30
         remaining = self.producer.flush(0.1)
         while remaining and not self.producer_stale.is_set() and time.monotonic() < deadline:
             remaining = self.producer.flush(0.1)
         if remaining or errors or self.producer_stale.is_set():
             raise DeliveryError(errors or [KafkaError(KafkaError._MSG_TIMED_OUT)])
+
+    def _record(self, messages: list[EventMessage]) -> None:
         if self.lag is not None:
             self.lag.record(messages)
-        last = notifications[-1].id
-        self.position.set(last)
-        self.relayed += len(notifications)
-        return last
+        self.position.set(messages[-1].position)
+        self.relayed += len(messages)
 
     def _produce(self, message: EventMessage, delivered: Callable[..., None]) -> None:
         value = self.codec.encode(message)

@@ -396,7 +396,7 @@ def consumer_config(bootstrap_servers: str, group_id: str, **overrides: object) 
         "auto.offset.reset": "earliest",
         "session.timeout.ms": 6000,
         "heartbeat.interval.ms": 1000,
-        "fetch.wait.max.ms": 10,
+        "fetch.wait.max.ms": 20,
         "fetch.min.bytes": 1,
         "fetch.error.backoff.ms": 50,
         "fetch.queue.backoff.ms": 10,
