@@ -212,7 +212,9 @@ class Projector:
     def _dead_letter(self, msg: Message, reason: str) -> None:
         topic = msg.topic() or self.catalogue.workload
         if self._dlq is None:
-            self._dlq = Producer(producer_config(self.bootstrap))
+            # Not idempotent: an idempotent producer that outlives an emptied broker
+            # never recovers, and dead letters may be duplicated harmlessly.
+            self._dlq = Producer(producer_config(self.bootstrap, **{"enable.idempotence": False}))
         self._dlq.produce(
             self.catalogue.dead_letter(topic),
             key=msg.key(),
@@ -225,8 +227,17 @@ class Projector:
                 "consumer.group": self.group,
             },
         )
-        self._dlq.flush(5)
-        self.dead_lettered += 1
+        if self._dlq.flush(5):
+            self._dlq = None  # a broker that went away: the next dead letter gets a new one
+            log.error(
+                "%s: could not dead-letter %s[%s]@%s",
+                self.model.name,
+                topic,
+                msg.partition(),
+                msg.offset(),
+            )
+        else:
+            self.dead_lettered += 1
         log.warning(
             "%s: dead-lettered %s[%s]@%s: %s",
             self.model.name,

@@ -150,9 +150,7 @@ class Relay:
                         since = time.monotonic()
                     unconfirmed.extend(sent)
                     produced = sent[-1].position
-                if unconfirmed and (
-                    not sent or time.monotonic() - since >= self.confirm_interval
-                ):
+                if unconfirmed and (not sent or time.monotonic() - since >= self.confirm_interval):
                     self._confirm(errors)
                     self._record(unconfirmed)
                     unconfirmed, errors = [], []

@@ -86,9 +86,7 @@ class PostgresReadModel:
         # Derived data: a commit lost in a crash leaves the model (and its tracking,
         # committed atomically with it) a little behind, and the store heals it, so
         # read-model commits need not wait for the WAL flush the event store waits for.
-        self.conn = psycopg.connect(
-            conninfo, autocommit=False, options="-c synchronous_commit=off"
-        )
+        self.conn = psycopg.connect(conninfo, autocommit=False, options="-c synchronous_commit=off")
         self._s = sql.Identifier(schema)
 
     def close(self) -> None:
@@ -178,6 +176,25 @@ class PostgresReadModel:
                     "created_at) VALUES (%s, 'RUNNING', %s, %s, %s, %s) ON CONFLICT DO NOTHING"
                 ),
                 c.jobs,
+            )
+            # A job and its blocks are different aggregates, so on different
+            # partitions: its blocks' completions and failures may be applied before
+            # the job itself, when their counts found no row. Count what its tasks
+            # already show (before this batch's changes, which are added below).
+            cur.execute(
+                self.q(
+                    "UPDATE {schema}.jobs j SET completed_tasks = t.done, failed_tasks = t.failed, "
+                    "status = CASE WHEN t.done + t.failed < j.total_tasks THEN 'RUNNING' "
+                    "WHEN t.failed = 0 THEN 'DONE' ELSE 'FAILED' END, "
+                    "finished_at = CASE WHEN t.done + t.failed < j.total_tasks THEN NULL "
+                    "ELSE t.at END FROM (SELECT job_id, "
+                    "count(*) FILTER (WHERE status = 'DONE') AS done, "
+                    "count(*) FILTER (WHERE status = 'FAILED') AS failed, "
+                    "max(finished_at) FILTER (WHERE status IN ('DONE', 'FAILED')) AS at "
+                    "FROM {schema}.tasks WHERE job_id = ANY(%s) GROUP BY job_id) t "
+                    "WHERE j.id = t.job_id"
+                ),
+                ([row[0] for row in c.jobs],),
             )
         for rows in c.task_inserts:
             cur.execute(
