@@ -13,6 +13,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,10 +135,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(base: str, tasks: int, workers: int, claim: int, per_job: int) -> dict[str, Any]:
+async def run(
+    base: str,
+    tasks: int,
+    workers: int,
+    claim: int,
+    per_job: int,
+    settle: float,
+    before_drain: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=workers * 2 + 4)
     async with aiohttp.ClientSession(connector=connector) as session:
         jobs, create_s = await create_jobs(session, base, tasks, per_job)
+        # Let the read models take in the new jobs' tasks before the clock starts.
+        await asyncio.sleep(settle)
+        if before_drain is not None:
+            before_drain()
         c = Counters()
         done = asyncio.Event()
         started = time.perf_counter()
@@ -179,8 +192,30 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=24)
     parser.add_argument("--claim", type=int, default=5)
     parser.add_argument("--per-job", type=int, default=10000)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="seconds between creating the jobs and starting the clock",
+    )
+    parser.add_argument(
+        "--reset-lag",
+        metavar="REDIS_PREFIX",
+        help="clear this deployment's lag samples when the drain starts",
+    )
     args = parser.parse_args()
-    result = asyncio.run(run(args.base, args.tasks, args.workers, args.claim, args.per_job))
+
+    def reset_lag() -> None:
+        if args.reset_lag:
+            import redis
+
+            client = redis.Redis()
+            for key in client.scan_iter(match=f"{args.reset_lag}:metrics:lag_ms:*"):
+                client.delete(key)
+
+    result = asyncio.run(
+        run(args.base, args.tasks, args.workers, args.claim, args.per_job, args.settle, reset_lag)
+    )
     print(json.dumps(result))
 
 

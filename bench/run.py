@@ -101,16 +101,31 @@ def run_tadpole(tasks: int, workers: int) -> dict[str, Any]:
     try:
         wait_healthy(base)
         time.sleep(4)  # let both projectors' consumer groups finish joining
-        before = commits()
+        before = commits()  # (includes the jobs' creation: commits per task err high)
         load = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "load.py"), "--base", base,
-             "--tasks", str(tasks), "--workers", str(workers), "--claim", "5"],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
+            [
+                sys.executable,
+                str(ROOT / "bench" / "load.py"),
+                "--base",
+                base,
+                "--tasks",
+                str(tasks),
+                "--workers",
+                str(workers),
+                "--claim",
+                "5",
+                "--reset-lag",
+                name,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
         )
         result: dict[str, Any] = json.loads(load.stdout.strip().splitlines()[-1])
         result["pg_commits_per_task"] = round((commits() - before) / tasks, 2)
         r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-        for model in ("postgres", "redis"):
+        for model in ("relay", "postgres", "redis"):
             samples = [float(x) for x in r.lrange(f"{name}:metrics:lag_ms:{model}", 0, -1)]
             result[f"lag_{model}_p50_ms"] = round(percentile(samples, 0.5), 1)
             result[f"lag_{model}_p99_ms"] = round(percentile(samples, 0.99), 1)
@@ -141,19 +156,35 @@ def run_peers(tasks: int) -> list[dict[str, Any]]:
         return []
     log("running PgQueuer and DBOS (bench/peers.py)")
     out = subprocess.run(
-        [str(PEERS_PY), str(ROOT / "bench" / "peers.py"), "--tasks", str(tasks),
-         "--workers", "2", "--peer", "all", "--json"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
+        [
+            str(PEERS_PY),
+            str(ROOT / "bench" / "peers.py"),
+            "--tasks",
+            str(tasks),
+            "--workers",
+            "2",
+            "--peer",
+            "all",
+            "--json",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
     )
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=20000, help="tasks for Tadpole (default 20000)")
-    parser.add_argument("--peer-tasks", type=int, default=10000,
-                        help="tasks for each peer (default 10000)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tasks", type=int, default=20000, help="tasks for Tadpole (default 20000)"
+    )
+    parser.add_argument(
+        "--peer-tasks", type=int, default=10000, help="tasks for each peer (default 10000)"
+    )
     parser.add_argument("--workers", type=int, default=24, help="Tadpole spots (default 24)")
     parser.add_argument("--no-peers", action="store_true", help="skip PgQueuer and DBOS")
     args = parser.parse_args()
@@ -167,7 +198,8 @@ def main() -> None:
         "peers": peers,
         "ratios": {
             p["peer"]: round(tadpole["drain_per_s"] / p["drain_per_s"], 2)
-            for p in peers if p.get("drain_per_s")
+            for p in peers
+            if p.get("drain_per_s")
         },
     }
     out = ROOT / "bench" / "results" / "latest.json"

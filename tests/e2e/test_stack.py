@@ -187,3 +187,34 @@ def test_stopping_the_whole_stack_mid_load_keeps_every_acknowledged_change(
         "read models equal to a rebuild after the restart",
     )
     assert ok, detail
+
+
+def test_a_silent_spot_goes_down_and_its_task_is_claimed_again(make_stack: Any) -> None:
+    stack: Stack = make_stack()
+    stack.env.update(TADPOLE_SPOT_TIMEOUT="1", TADPOLE_SPOT_REAPER_INTERVAL="0.5")
+    stack.start()
+    assert http("POST", stack.base + "/api/v1/jobs", sweep(1))[0] == 201
+    silent = http("POST", stack.base + "/internal/v1/hello", {"ipAddress": "10.0.0.1"})[1]["spotId"]
+    claim = http("POST", stack.base + "/internal/v1/tasks/claim", {"spotId": silent, "maxTasks": 1})
+    task = claim[1]["tasks"][0]
+    assert task["fenceToken"] == 1
+
+    # The silent spot misses its heartbeats: SpotReaper marks it DOWN and frees the task.
+    def spot_down() -> bool:
+        spots = http("GET", stack.base + "/api/v1/spots")[1]["spots"]
+        return any(s["id"] == silent and s["status"] == "DOWN" for s in spots)
+
+    wait_for(spot_down, 30, "SpotReaper to mark the silent spot DOWN")
+    other = http("POST", stack.base + "/internal/v1/hello", {"ipAddress": "10.0.0.2"})[1]["spotId"]
+    again = http("POST", stack.base + "/internal/v1/tasks/claim", {"spotId": other, "maxTasks": 1})
+    assert [t["id"] for t in again[1]["tasks"]] == [task["id"]]
+    assert again[1]["tasks"][0]["fenceToken"] == 2
+    late = http(
+        "POST",
+        f"{stack.base}/internal/v1/tasks/{task['id']}/complete",
+        {"spotId": silent, "fopt": 1.0},
+    )
+    assert late == (409, {"success": False, "error": "task not assigned to this spot"})
+    # A heartbeat brings the silent spot back UP.
+    assert http("POST", stack.base + "/internal/v1/heartbeat", {"spotId": silent})[0] == 200
+    wait_for(lambda: not spot_down(), 10, "the spot to come back UP")

@@ -1,0 +1,24 @@
+"""Reapers: exactly one process runs them, chosen by a PostgreSQL advisory lock."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.settings import load_settings
+from service.web import Reapers
+
+pytestmark = pytest.mark.integration
+
+
+async def test_only_one_process_holds_the_reaper_lock_until_it_lets_go() -> None:
+    settings = load_settings({})
+    first, second = Reapers(settings, writer=None), Reapers(settings, writer=None)  # type: ignore[arg-type]
+    try:
+        assert await first._leader() is True
+        assert await second._leader() is False
+        assert await first._leader() is True  # it keeps leading on later rounds
+        await first.stop()  # its session ends, and with it the lock
+        assert await second._leader() is True
+    finally:
+        await first.stop()
+        await second.stop()
