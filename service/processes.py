@@ -19,8 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def _on_signals(stop: Callable[[], None]) -> None:
+    """Call ``stop`` on SIGTERM or SIGINT.
+
+    From another thread: a handler runs inside the main thread, which may be
+    waiting on the very ``threading.Event`` that ``stop`` sets, and taking that
+    Event's lock again there deadlocks.
+    """
+
     def handler(signum: int, frame: FrameType | None) -> None:
-        stop()
+        threading.Thread(target=stop, name="stop", daemon=True).start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

@@ -99,7 +99,12 @@ class Stack:
                 cmd = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if int(stat[1]) != self.process.pid or b"service.cli" not in cmd:
+            if int(stat[1]) != self.process.pid:
+                continue
+            if b"gunicorn" in cmd:  # `tadpole api` execs gunicorn
+                found["api"] = int(entry.name)
+                continue
+            if b"service.cli" not in cmd:
                 continue
             args = [c.decode() for c in cmd if c]
             role = args[args.index("service.cli") + 1]

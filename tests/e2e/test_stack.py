@@ -218,3 +218,20 @@ def test_a_silent_spot_goes_down_and_its_task_is_claimed_again(make_stack: Any) 
     # A heartbeat brings the silent spot back UP.
     assert http("POST", stack.base + "/internal/v1/heartbeat", {"spotId": silent})[0] == 200
     wait_for(lambda: not spot_down(), 10, "the spot to come back UP")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_the_whole_tree_cleanly(make_stack: Any, sig: int) -> None:
+    stack: Stack = make_stack()
+    stack.start()
+    children = stack.children()
+    assert set(children) == {"api", "relay", "projector-postgres", "projector-redis"}
+    assert stack.process is not None
+    stack.process.send_signal(sig)
+    assert stack.process.wait(30) == 0
+    assert "stopped" in stack.log.read_text()
+    for role, pid in children.items():
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        ), role
