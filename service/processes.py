@@ -127,7 +127,10 @@ class Supervisor:
     """Runs the children of `tadpole up`, restarting any that dies, until stopped."""
 
     def __init__(
-        self, commands: dict[str, list[str]], env: dict[str, str], nice: dict[str, int] | None = None
+        self,
+        commands: dict[str, list[str]],
+        env: dict[str, str],
+        nice: dict[str, int] | None = None,
     ):
         self.commands = commands
         self.env = env
@@ -194,7 +197,7 @@ def run_up(settings: Settings) -> int:
         {**os.environ, **settings.environ()},
         # The command path waits on every hop between its threads and PostgreSQL;
         # the background processes yield the CPU to it and keep their lag small anyway.
-        nice={"relay": 5, "projector-postgres": 5, "projector-redis": 5},
+        nice={"relay": 5, "projector-postgres": 0, "projector-redis": 5},
     )
     _on_signals(supervisor.stopping.set)
     supervisor.start()

@@ -60,7 +60,12 @@ class Reapers:
             self.conn = await psycopg.AsyncConnection.connect(
                 self.settings.database_url, autocommit=True
             )
-        cur = await self.conn.execute("SELECT pg_try_advisory_lock(%s)", (REAPER_LOCK,))
+        # One lock per deployment (its store schema): deployments sharing a database
+        # each get their own active reapers.
+        cur = await self.conn.execute(
+            "SELECT pg_try_advisory_lock(hashtext(%s))",
+            (f"tadpole-reapers:{self.settings.store_schema}",),
+        )
         row = await cur.fetchone()
         return bool(row and row[0])
 

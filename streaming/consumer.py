@@ -24,10 +24,11 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer
+from psycopg import sql
 
 from domain.store import TadpoleStore
 from schemas.codec import Codec, DecodeError, EventMessage, message_from_event
@@ -83,6 +84,20 @@ class StoreReader:
         ]
         return (notifications[-1].id if notifications else position), messages
 
+    def ids_after(self, position: int, limit: int = STORE_PAGE) -> list[int]:
+        """Notification ids after ``position``: an index-only read, no event data."""
+        recorder: Any = self.store.recorder
+        datastore = getattr(recorder, "datastore", None)
+        if datastore is None:  # not PostgreSQL: read the notifications themselves
+            return [n.id for n in self.store.notifications(position, limit)]
+        statement = sql.SQL(
+            "SELECT notification_id FROM {}.{} WHERE notification_id > %s "
+            "ORDER BY notification_id LIMIT %s"
+        ).format(sql.Identifier(datastore.schema), sql.Identifier(recorder.events_table_name))
+        with datastore.get_connection() as conn, conn.cursor() as cur:
+            cur.execute(statement, (position, limit))
+            return [row["notification_id"] for row in cur.fetchall()]
+
     def aggregate(self, uuid: UUID, after_version: int) -> list[EventMessage]:
         """An aggregate's events after a version (their store positions are unknown: 0)."""
         events = self.store.events.get(uuid, gt=after_version)
@@ -127,16 +142,20 @@ class Projector:
             self.model.reset()
             self.model.set_checkpoint(0)
             self.seen.clear()
-        position = self.model.checkpoint()
+        start = position = self.model.checkpoint()
         while True:
-            last, page = self.reader.after(position, skip=self.seen)
-            if last == position:
+            ids = self.reader.ids_after(position)
+            if not ids:
                 break
-            if page:
+            missing = next((i for i in ids if i not in self.seen), None)
+            if missing is None:
+                position = ids[-1]  # Kafka brought all of these: nothing to read
+            else:
+                position, page = self.reader.after(missing - 1, skip=self.seen)
                 self._apply(page)
-            position = last
-            self.model.set_checkpoint(position)
             self.seen = {p for p in self.seen if p > position}
+        if position != start:
+            self.model.set_checkpoint(position)
         return position
 
     def _apply(self, messages: Sequence[EventMessage]) -> None:

@@ -157,15 +157,17 @@ class PostgresReadModel:
                     continue
                 changes.add(m)
                 versions[m.aggregate_id] = touched[m.aggregate_id] = m.version
-            self._write(cur, changes)
-            cur.executemany(
-                self.q(
-                    "INSERT INTO {schema}.applied VALUES (%s, %s) ON CONFLICT (aggregate_id) "
-                    "DO UPDATE SET version = EXCLUDED.version "
-                    "WHERE {schema}.applied.version < EXCLUDED.version"
-                ),
-                list(touched.items()),
-            )
+            # The writes need no answers: one round trip for all of them.
+            with self.conn.pipeline():
+                self._write(cur, changes)
+                cur.executemany(
+                    self.q(
+                        "INSERT INTO {schema}.applied VALUES (%s, %s) "
+                        "ON CONFLICT (aggregate_id) DO UPDATE SET version = EXCLUDED.version "
+                        "WHERE {schema}.applied.version < EXCLUDED.version"
+                    ),
+                    list(touched.items()),
+                )
         return gaps
 
     def _write(self, cur: psycopg.Cursor[Any], c: _Changes) -> None:

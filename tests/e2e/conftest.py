@@ -159,3 +159,22 @@ def make_stack(tmp_path: Path) -> Iterator[Any]:
     yield make
     for stack in stacks:
         stack.stop()
+        drop_everything(stack.extra["name"])
+
+
+def drop_everything(name: str) -> None:
+    """Drop a stack's schemas, Redis keys (rebuild comparisons add suffixes too)."""
+    import psycopg
+    import redis
+
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE %s",
+            (name + "%",),
+        ).fetchall()
+        for (schema,) in rows:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    client = redis.Redis()
+    keys = list(client.scan_iter(match=name + "*", count=1000))
+    if keys:
+        client.delete(*keys)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from uuid import uuid4
+
 import pytest
 
 from service.settings import load_settings
@@ -11,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_only_one_process_holds_the_reaper_lock_until_it_lets_go() -> None:
-    settings = load_settings({})
+    settings = load_settings({"TADPOLE_SCHEMA": f"reapers_{uuid4().hex[:8]}"})
     first, second = Reapers(settings, writer=None), Reapers(settings, writer=None)  # type: ignore[arg-type]
     try:
         assert await first._leader() is True
@@ -19,6 +21,11 @@ async def test_only_one_process_holds_the_reaper_lock_until_it_lets_go() -> None
         assert await first._leader() is True  # it keeps leading on later rounds
         await first.stop()  # its session ends, and with it the lock
         assert await second._leader() is True
+        other = Reapers(load_settings({"TADPOLE_SCHEMA": "another_deployment"}), writer=None)  # type: ignore[arg-type]
+        try:
+            assert await other._leader() is True  # another deployment has its own lock
+        finally:
+            await other.stop()
     finally:
         await first.stop()
         await second.stop()
