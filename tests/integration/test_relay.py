@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,6 +53,7 @@ from streaming.broker import EmbeddedBroker
 from streaming.consumer import StoreReader
 from streaming.relay import Relay, RelayPosition
 from streaming.topics import TopicCatalogue, ensure_topics
+from tests.integration.support import running, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -60,40 +61,6 @@ DATABASE_URL = Settings().database_url
 
 
 # ---- helpers and fixtures -----------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``predicate`` until it is truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-@contextlib.contextmanager
-def running(worker: Any, name: str) -> Iterator[None]:
-    """Run ``worker.run()`` in a thread; ``stop()`` it and fail on its errors at the end."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            worker.run()
-        except BaseException as error:  # reported by the test below
-            errors.append(error)
-
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        worker.stop()
-        thread.join(60)
-    assert not thread.is_alive(), f"{name} did not stop"
-    assert errors == [], f"{name} failed: {errors!r}"
 
 
 def sweep(tasks: int) -> Sweep:
@@ -244,14 +211,6 @@ def positions(messages: list[Message]) -> list[int]:
     return [codec.decode(m.value() or b"").position for m in messages]
 
 
-def relay_all(relay: Relay) -> int:
-    """Call ``relay_once`` until the store has nothing more; the last position."""
-    position = relay.position.get()
-    while moved := relay.relay_once(position):
-        position = moved
-    return position
-
-
 # ---- tests ---------------------------------------------------------------------------------------
 
 
@@ -279,7 +238,7 @@ def test_relays_every_event_in_store_order_to_its_topic_and_then_records_the_pos
     relay = Relay(env.store, position, bootstrap, topics)
     try:
         assert position.get() == 0
-        with running(relay, "relay"):
+        with running(relay):
             wait_for(lambda: position.get() == stored[-1].position, 30, "the relay to catch up")
             first = len(stored)
             env.writer.heartbeats(env.writer.spots(2))  # more, while it runs
@@ -382,7 +341,7 @@ def test_relay_stopped_and_restarted_mid_stream_loses_nothing(
     # a new relay, same position table, carries on from there
     second = Relay(env.store, env.position(), bootstrap, topics)
     try:
-        with running(second, "second relay"):
+        with running(second):
             for _ in range(5):  # and while it runs
                 writer.heartbeats(spots)
             last = env.store.max_position()
@@ -406,7 +365,7 @@ def test_relay_recreates_the_topics_of_a_broker_that_came_back_empty(env: Env) -
         bootstrap = own.bootstrap_servers
         relay = Relay(env.store, env.position(), bootstrap, catalogue)
         try:
-            with running(relay, "relay"):
+            with running(relay):
                 before = env.store.max_position()
                 wait_for(lambda: relay.position.get() == before, 30, "the first events")
                 assert set(positions(read_topics(bootstrap, list(catalogue.event_topics)))) == {
