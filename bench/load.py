@@ -128,6 +128,22 @@ async def progress(c: Counters, total: int, done: asyncio.Event) -> None:
         print(f"  {c.completed}/{total} tasks completed ({rate:,.0f}/s)", file=sys.stderr)
 
 
+async def drain(
+    session: aiohttp.ClientSession, base: str, workers: int, claim: int, tasks: int
+) -> tuple[Counters, float]:
+    """``workers`` spots claim and complete until ``tasks`` completions; the time it took."""
+    c = Counters()
+    done = asyncio.Event()
+    started = time.perf_counter()
+    watcher = asyncio.create_task(progress(c, tasks, done))
+    await asyncio.wait_for(
+        asyncio.gather(*(spot(session, base, claim, tasks, c, done) for _ in range(workers))),
+        timeout=900,
+    )
+    watcher.cancel()
+    return c, time.perf_counter() - started
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -143,24 +159,20 @@ async def run(
     per_job: int,
     settle: float,
     before_drain: Callable[[], None] | None = None,
+    warmup: int = 0,
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=workers * 2 + 4)
     async with aiohttp.ClientSession(connector=connector) as session:
+        if warmup:
+            # Fresh processes, caches and pools: drain a small job first, unmeasured.
+            await create_jobs(session, base, warmup, per_job)
+            await drain(session, base, workers, claim, warmup)
         jobs, create_s = await create_jobs(session, base, tasks, per_job)
         # Let the read models take in the new jobs' tasks before the clock starts.
         await asyncio.sleep(settle)
         if before_drain is not None:
             before_drain()
-        c = Counters()
-        done = asyncio.Event()
-        started = time.perf_counter()
-        watcher = asyncio.create_task(progress(c, tasks, done))
-        await asyncio.wait_for(
-            asyncio.gather(*(spot(session, base, claim, tasks, c, done) for _ in range(workers))),
-            timeout=900,
-        )
-        elapsed = time.perf_counter() - started
-        watcher.cancel()
+        c, elapsed = await drain(session, base, workers, claim, tasks)
         statuses = []
         for job in jobs:
             async with session.get(f"{base}/api/v1/jobs/{job}") as r:
@@ -199,6 +211,12 @@ def main() -> None:
         help="seconds between creating the jobs and starting the clock",
     )
     parser.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="tasks drained (unmeasured) before the measured jobs are created",
+    )
+    parser.add_argument(
         "--reset-lag",
         metavar="REDIS_PREFIX",
         help="clear this deployment's lag samples when the drain starts",
@@ -214,7 +232,16 @@ def main() -> None:
                 client.delete(key)
 
     result = asyncio.run(
-        run(args.base, args.tasks, args.workers, args.claim, args.per_job, args.settle, reset_lag)
+        run(
+            args.base,
+            args.tasks,
+            args.workers,
+            args.claim,
+            args.per_job,
+            args.settle,
+            reset_lag,
+            args.warmup,
+        )
     )
     print(json.dumps(result))
 

@@ -116,6 +116,8 @@ def run_tadpole(tasks: int, workers: int) -> dict[str, Any]:
                 "5",
                 "--reset-lag",
                 name,
+                "--warmup",
+                "5000",
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
