@@ -3,7 +3,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-PORT ?= 8080
+PORT ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: run test unit integration e2e lint typecheck bench schemas clean help
@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-run: $(STAMP) ## start the API, relay, projectors, reapers and (if needed) the embedded broker
-	$(BIN)/tadpole up --port $(PORT)
+run: $(STAMP) ## start everything (PORT=9000 for another port; else TADPOLE_PORT / ORHESTRA_PORT / 8080)
+	$(BIN)/tadpole up $(if $(PORT),--port $(PORT))
 
 test: $(STAMP) ## lint, type-check, then unit, integration and end-to-end tests
 	$(BIN)/ruff check .
