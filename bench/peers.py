@@ -304,7 +304,9 @@ def drain(
 def run_pgqueuer(settings: Settings) -> PeerResult:
     deadline = Deadline(settings.timeout_s, "pgqueuer")
     with scratch_database(settings.database_url, "pgqueuer") as url:
-        enqueue_s = asyncio.run(asyncio.wait_for(pgq_enqueue(url, settings.tasks), deadline.remaining()))
+        enqueue_s = asyncio.run(
+            asyncio.wait_for(pgq_enqueue(url, settings.tasks), deadline.remaining())
+        )
 
         def count_done(conn: psycopg.Connection[Any]) -> int:
             # A finished job's row leaves the queue table when its buffered status is flushed.
@@ -568,13 +570,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tasks", type=positive_int, default=10_000, help="tasks per peer (10000)")
     parser.add_argument("--workers", type=positive_int, default=2, help="worker processes (2)")
-    parser.add_argument("--peer", choices=(*PEERS, "all"), default="all", help="peer(s) to run (all)")
+    parser.add_argument(
+        "--peer", choices=(*PEERS, "all"), default="all", help="peer(s) to run (all)"
+    )
     parser.add_argument(
         "--database-url",
         default=DEFAULT_DATABASE_URL,
         help="server to use; a scratch database is created on it per peer (%(default)s)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object per peer on stdout")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per peer on stdout"
+    )
     parser.add_argument(
         "--timeout", type=positive_float, default=300.0, help="seconds allowed per peer (300)"
     )
