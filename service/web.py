@@ -85,7 +85,10 @@ class Reapers:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.conn is not None:
+        if self.conn is not None and not self.conn.closed:
+            # Let go of the lock now: a closed connection's session may linger a moment.
+            with contextlib.suppress(psycopg.Error):
+                await self.conn.execute("SELECT pg_advisory_unlock_all()")
             await self.conn.close()
 
 
