@@ -292,10 +292,10 @@ class CommandProcessor:
         return decided.results
 
     def decide(self, commands: Sequence[Command], now: datetime) -> Decided:
-        """Decide a batch against the state so far, including batches not yet stored.
+        """Decide a batch against the state so far.
 
-        The batch's events are taken out of the aggregates here, so storing them
-        (:meth:`store_decided`) may overlap with deciding the next batch.
+        The batch's events are taken out of the aggregates here; :meth:`store_decided`
+        appends them.
         """
         if self._stale:
             self.recover(now)
@@ -337,10 +337,6 @@ class CommandProcessor:
         except BaseException:
             self._stale = True
             raise
-
-    def fail_pending(self) -> None:
-        """A batch decided earlier was not stored: what was decided since is void."""
-        self._stale = True
 
 
 SNAPSHOT_INTERVAL = 100

@@ -1,9 +1,10 @@
 """Group commit: the commands of concurrent requests become one store transaction.
 
 Request handlers ``await writer.submit(command)``. One task takes everything
-queued, has the :class:`~domain.commands.CommandProcessor` decide it and store
-it as one batch in a worker thread, then answers every handler. While a batch is
-being stored the next one gathers, so the batch grows with the load.
+queued, has the :class:`~domain.commands.CommandProcessor` decide it (in memory,
+on the event loop) and store it as one transaction (in a worker thread), then
+answers every handler. While a batch is being stored the next one gathers, so
+the batch grows with the load.
 """
 
 from __future__ import annotations
@@ -56,16 +57,12 @@ class GroupCommitWriter:
         return {u: self.versions[u] for u in uuids if u in self.versions}
 
     async def _run(self) -> None:
-        saving: asyncio.Task[bool] | None = None
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
-                # Only a save still under way when this batch is decided can void it:
-                # one that already failed made the processor reload before deciding.
-                in_flight = saving if saving is not None and not saving.done() else None
                 try:
                     if self.processor.needs_recovery:
                         await asyncio.to_thread(self.processor.recover, datetime.now(UTC))
@@ -76,38 +73,26 @@ class GroupCommitWriter:
                     log.exception("deciding a batch failed")
                     self._fail(batch, error)
                     continue
-                previous = in_flight
-                saving = asyncio.get_running_loop().create_task(
-                    self._store(previous, batch, decided)
-                )
-                # Two batches in flight at most: this one deciding, the last one saving.
-                if previous is not None:
-                    await asyncio.wait([previous])
+                # One batch at a time: the next one gathers while this one is stored.
+                # (Deciding the next batch during this save was measured slower: it
+                # made every request wait for two saves instead of one.)
+                await self._store(batch, decided)
 
     async def _store(
-        self,
-        previous: asyncio.Task[bool] | None,
-        batch: list[tuple[Command, asyncio.Future[Result]]],
-        decided: Decided,
-    ) -> bool:
-        if previous is not None and not await previous:
-            # This batch was decided on top of one the store refused: it is void.
-            self.processor.fail_pending()
-            self._fail(batch, RuntimeError("an earlier batch was not stored"))
-            return False
+        self, batch: list[tuple[Command, asyncio.Future[Result]]], decided: Decided
+    ) -> None:
         try:
             await asyncio.to_thread(self.processor.store_decided, decided)
         except Exception as error:
             log.exception("the event store refused a batch of %d commands", len(batch))
             self._fail(batch, error)
-            return False
+            return
         self.versions.update(decided.versions)
         self.batches += 1
         self.commands += len(batch)
         for (_, future), result in zip(batch, decided.results, strict=True):
             if not future.done():
                 future.set_result(result)
-        return True
 
     @staticmethod
     def _fail(batch: list[tuple[Command, asyncio.Future[Result]]], error: Exception) -> None:

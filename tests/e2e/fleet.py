@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from http import client as http_client
 from typing import Any
 
 from tests.e2e.conftest import http
+
+#: What a request may raise when the stack is killed under it (a refused or
+#: reset connection, an answer cut short mid-body).
+TRANSPORT = (OSError, http_client.HTTPException, ValueError)
 
 
 def sweep(tasks: int) -> dict[str, Any]:
@@ -71,7 +76,7 @@ class Fleet:
                     continue
                 for task in body["tasks"]:
                     self._complete(spot_id, task)
-            except OSError as error:  # the stack is down: register again once it is back
+            except TRANSPORT as error:  # the stack is down: register again once it is back
                 self.errors.append(str(error))
                 spot_id = None
                 self.stop.wait(0.2)
@@ -84,7 +89,7 @@ class Fleet:
                 status, answer = http(
                     "POST", f"{self.base}/internal/v1/tasks/{task['id']}/complete", body, timeout=5
                 )
-            except OSError as error:
+            except TRANSPORT as error:  # a stop cut the answer: ask again
                 self.errors.append(str(error))
                 self.stop.wait(0.2)
                 continue
