@@ -1,9 +1,10 @@
 """Drive Tadpole's seed 003 worker API the way a fleet of spots would.
 
 Jobs are created first (their rate reported apart); then ``--workers`` spots,
-each a keep-alive asyncio client, loop: claim up to ``--claim`` tasks, complete
-each one with its own request; every spot heartbeats every 3 s. The clock runs
-from the first claim until every task is completed.
+each a keep-alive asyncio client (bench/http.py, on uvloop), loop: claim up to
+``--claim`` tasks, complete each one with its own request; every spot
+heartbeats every 3 s on a second connection. The clock runs from the first
+claim until every task is completed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
+import uvloop
+from http_client import Connection
 
 
 @dataclass
@@ -41,55 +44,60 @@ def sweep(tasks: int) -> dict[str, Any]:
     }
 
 
-async def create_jobs(
-    session: aiohttp.ClientSession, base: str, tasks: int, per_job: int
-) -> tuple[list[str], float]:
+class Server:
+    """Where Tadpole listens; hands out keep-alive connections."""
+
+    def __init__(self, base: str):
+        url = urlsplit(base)
+        self.host = url.hostname or "127.0.0.1"
+        self.port = url.port or 80
+
+    def connect(self) -> Connection:
+        return Connection(self.host, self.port)
+
+
+async def create_jobs(server: Server, tasks: int, per_job: int) -> tuple[list[str], float]:
     jobs: list[str] = []
+    conn = server.connect()
     started = time.perf_counter()
     remaining = tasks
     while remaining:
         n = min(per_job, remaining)
-        async with session.post(f"{base}/api/v1/jobs", json=sweep(n)) as resp:
-            body = await resp.json()
-            if resp.status != 201:
-                raise SystemExit(f"job creation failed: {resp.status} {body}")
-            jobs.append(body["jobId"])
+        status, body = await conn.request("POST", "/api/v1/jobs", sweep(n))
+        if status != 201:
+            raise SystemExit(f"job creation failed: {status} {body}")
+        jobs.append(body["jobId"])
         remaining -= n
-    return jobs, time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return jobs, elapsed
 
 
-async def spot(
-    session: aiohttp.ClientSession,
-    base: str,
-    claim: int,
-    total: int,
-    c: Counters,
-    done: asyncio.Event,
-) -> None:
-    async with session.post(f"{base}/internal/v1/hello", json={"ipAddress": "127.0.0.1"}) as r:
-        spot_id = (await r.json())["spotId"]
+async def spot(server: Server, claim: int, total: int, c: Counters, done: asyncio.Event) -> None:
+    conn, beats = server.connect(), server.connect()
+    _, hello = await conn.request("POST", "/internal/v1/hello", {"ipAddress": "127.0.0.1"})
+    spot_id = hello["spotId"]
 
     async def heartbeat() -> None:
+        body = {
+            "spotId": spot_id,
+            "ipAddress": "127.0.0.1",
+            "cpuLoad": 1.0,
+            "runningTasks": 0,
+            "totalCores": 2,
+        }
         while not done.is_set():
-            body = {
-                "spotId": spot_id,
-                "ipAddress": "127.0.0.1",
-                "cpuLoad": 1.0,
-                "runningTasks": 0,
-                "totalCores": 2,
-            }
-            async with session.post(f"{base}/internal/v1/heartbeat", json=body) as r:
-                await r.read()
+            await beats.request("POST", "/internal/v1/heartbeat", body)
             await asyncio.sleep(3)
 
     beat = asyncio.create_task(heartbeat())
     try:
         while not done.is_set():
             t0 = time.perf_counter()
-            async with session.post(
-                f"{base}/internal/v1/tasks/claim", json={"spotId": spot_id, "maxTasks": claim}
-            ) as r:
-                tasks = (await r.json())["tasks"]
+            _, answer = await conn.request(
+                "POST", "/internal/v1/tasks/claim", {"spotId": spot_id, "maxTasks": claim}
+            )
+            tasks = answer["tasks"]
             c.latencies_ms.append((time.perf_counter() - t0) * 1000)
             c.claims += 1
             if not tasks:
@@ -105,12 +113,11 @@ async def spot(
                     "fenceToken": task["fenceToken"],
                 }
                 t0 = time.perf_counter()
-                async with session.post(
-                    f"{base}/internal/v1/tasks/{task['id']}/complete", json=body
-                ) as r:
-                    answer = await r.json()
+                status, answer = await conn.request(
+                    "POST", f"/internal/v1/tasks/{task['id']}/complete", body
+                )
                 c.latencies_ms.append((time.perf_counter() - t0) * 1000)
-                if r.status != 200 or answer.get("message"):
+                if status != 200 or answer.get("message"):
                     c.errors += 1
                 else:
                     c.completed += 1
@@ -118,6 +125,8 @@ async def spot(
                         done.set()
     finally:
         beat.cancel()
+        conn.close()
+        beats.close()
 
 
 async def progress(c: Counters, total: int, done: asyncio.Event) -> None:
@@ -128,16 +137,14 @@ async def progress(c: Counters, total: int, done: asyncio.Event) -> None:
         print(f"  {c.completed}/{total} tasks completed ({rate:,.0f}/s)", file=sys.stderr)
 
 
-async def drain(
-    session: aiohttp.ClientSession, base: str, workers: int, claim: int, tasks: int
-) -> tuple[Counters, float]:
+async def drain(server: Server, workers: int, claim: int, tasks: int) -> tuple[Counters, float]:
     """``workers`` spots claim and complete until ``tasks`` completions; the time it took."""
     c = Counters()
     done = asyncio.Event()
     started = time.perf_counter()
     watcher = asyncio.create_task(progress(c, tasks, done))
     await asyncio.wait_for(
-        asyncio.gather(*(spot(session, base, claim, tasks, c, done) for _ in range(workers))),
+        asyncio.gather(*(spot(server, claim, tasks, c, done) for _ in range(workers))),
         timeout=900,
     )
     watcher.cancel()
@@ -161,22 +168,23 @@ async def run(
     before_drain: Callable[[], None] | None = None,
     warmup: int = 0,
 ) -> dict[str, Any]:
-    connector = aiohttp.TCPConnector(limit=workers * 2 + 4)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        if warmup:
-            # Fresh processes, caches and pools: drain a small job first, unmeasured.
-            await create_jobs(session, base, warmup, per_job)
-            await drain(session, base, workers, claim, warmup)
-        jobs, create_s = await create_jobs(session, base, tasks, per_job)
-        # Let the read models take in the new jobs' tasks before the clock starts.
-        await asyncio.sleep(settle)
-        if before_drain is not None:
-            before_drain()
-        c, elapsed = await drain(session, base, workers, claim, tasks)
-        statuses = []
-        for job in jobs:
-            async with session.get(f"{base}/api/v1/jobs/{job}") as r:
-                statuses.append((await r.json()).get("status", "?"))
+    server = Server(base)
+    if warmup:
+        # Fresh processes, caches and pools: drain a small job first, unmeasured.
+        await create_jobs(server, warmup, per_job)
+        await drain(server, workers, claim, warmup)
+    jobs, create_s = await create_jobs(server, tasks, per_job)
+    # Let the read models take in the new jobs' tasks before the clock starts.
+    await asyncio.sleep(settle)
+    if before_drain is not None:
+        before_drain()
+    c, elapsed = await drain(server, workers, claim, tasks)
+    statuses = []
+    conn = server.connect()
+    for job in jobs:
+        _, answer = await conn.request("GET", f"/api/v1/jobs/{job}")
+        statuses.append(answer.get("status", "?"))
+    conn.close()
     return {
         "peer": "tadpole",
         "tasks": tasks,
@@ -231,7 +239,7 @@ def main() -> None:
             for key in client.scan_iter(match=f"{args.reset_lag}:metrics:lag_ms:*"):
                 client.delete(key)
 
-    result = asyncio.run(
+    result = uvloop.run(
         run(
             args.base,
             args.tasks,
