@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 
 from domain.store import TadpoleStore
+from service import recorder
 from service.settings import Settings
 
 
@@ -17,6 +18,7 @@ def store_env(settings: Settings) -> dict[str, str]:
     url = urlparse(settings.database_url)
     return {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "APPLICATION_RECORDER_TOPIC": recorder.TOPIC,  # appends in one round trip
         "POSTGRES_DBNAME": unquote(url.path.lstrip("/")) or "postgres",
         "POSTGRES_HOST": url.hostname or "127.0.0.1",
         "POSTGRES_PORT": str(url.port or 5432),

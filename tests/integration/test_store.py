@@ -1,0 +1,131 @@
+"""The event store's one-round-trip recorder against the real PostgreSQL.
+
+It must keep every promise of the library's own recorder: atomic appends with
+optimistic concurrency, the notification ids returned in order, the channel
+notified, and the ``EXCLUSIVE`` table lock that makes commit order equal
+notification order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from uuid import uuid4
+
+import psycopg
+import pytest
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError
+from psycopg import sql
+
+from domain.store import TadpoleStore
+from service.recorder import OneTripRecorder
+from service.settings import Settings
+from service.wiring import open_store
+from tests.integration.support import wait_for
+
+pytestmark = pytest.mark.integration
+
+DATABASE_URL = Settings().database_url
+
+
+class Note(Aggregate):
+    def __init__(self, text: str):
+        self.text = text
+
+    def edit(self, text: str) -> None:
+        self.trigger_event(self.Edited, text=text)
+
+    class Edited(Aggregate.Event):
+        text: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            aggregate.text = self.text  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def store() -> Iterator[TadpoleStore]:
+    schema = f"it_store_{uuid4().hex[:10]}"
+    opened = open_store(Settings().with_changes(store_schema=schema))
+    try:
+        yield opened
+    finally:
+        opened.close()
+        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def events_table(store: TadpoleStore) -> sql.Composed:
+    recorder = store.recorder
+    assert isinstance(recorder, OneTripRecorder)
+    return sql.SQL("{}.{}").format(
+        sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name)
+    )
+
+
+def test_the_store_appends_through_the_one_trip_recorder(store: TadpoleStore) -> None:
+    assert isinstance(store.recorder, OneTripRecorder)
+    a, b = Note("a"), Note("b")
+    b.edit("b2")
+    recordings = store.save(a, b)
+    ids = [r.notification.id for r in recordings]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    stored = store.recorder.select_notifications(1, 10)
+    assert [n.id for n in stored] == ids
+    assert [(n.originator_id, n.originator_version) for n in stored] == [
+        (a.id, 1),
+        (b.id, 1),
+        (b.id, 2),
+    ]
+    again = store.repository.get(b.id)
+    assert isinstance(again, Note) and again.text == "b2"
+
+
+def test_a_stale_version_stores_nothing_of_its_append(store: TadpoleStore) -> None:
+    note = Note("first")
+    store.save(note)
+    rival = store.repository.get(note.id)
+    note.edit("mine")
+    store.save(note)
+    rival.edit("theirs")  # also version 2
+    fresh = Note("would be new")
+    with pytest.raises(IntegrityError):
+        store.save(fresh, rival)
+    assert store.recorder.max_notification_id() == 2
+    assert [n.originator_id for n in store.recorder.select_notifications(1, 10)] == [
+        note.id,
+        note.id,
+    ]
+
+
+def test_an_append_takes_the_exclusive_table_lock(store: TadpoleStore) -> None:
+    """A writer holding the lock makes the append wait: commit order is notification order."""
+    appended = threading.Event()
+    with psycopg.connect(DATABASE_URL) as holder:
+        holder.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(events_table(store)))
+        thread = threading.Thread(target=lambda: (store.save(Note("x")), appended.set()))
+        thread.start()
+        wait_for(
+            lambda: holder.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "WHERE c.relname = %s AND l.mode = 'ExclusiveLock' AND NOT l.granted",
+                (store.recorder.events_table_name,),  # type: ignore[attr-defined]
+            ).fetchone()[0],  # type: ignore[index]
+            10,
+            "the append to wait for the table lock",
+        )
+        assert not appended.is_set()
+        holder.rollback()
+    thread.join(10)
+    assert appended.is_set()
+    assert store.recorder.max_notification_id() == 1
+
+
+def test_an_append_notifies_the_channel(store: TadpoleStore) -> None:
+    recorder = store.recorder
+    assert isinstance(recorder, OneTripRecorder)
+    with psycopg.connect(DATABASE_URL, autocommit=True) as listener:
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(recorder.channel_name)))
+        store.save(Note("heard"))
+        heard = list(listener.notifies(timeout=5, stop_after=1))
+    assert [n.channel for n in heard] == [recorder.channel_name]
