@@ -64,6 +64,10 @@ class LagRecorder(Protocol):
         """Note how long ago each just-applied event was created."""
         ...
 
+    def flush(self) -> None:
+        """Make what was recorded visible (a recorder may buffer)."""
+        ...
+
 
 class StoreReader:
     """Reads events from the store in the form the read models apply."""
@@ -72,10 +76,16 @@ class StoreReader:
         self.store = store
 
     def after(
-        self, position: int, limit: int = STORE_PAGE, skip: set[int] | None = None
+        self,
+        position: int,
+        limit: int = STORE_PAGE,
+        skip: set[int] | None = None,
+        until: int | None = None,
     ) -> tuple[int, list[EventMessage]]:
-        """Events after ``position`` (but those in ``skip``), and the last position read."""
+        """Events after ``position`` (up to ``until``, but those in ``skip``); the last read."""
         notifications = self.store.notifications(position, limit)
+        if until is not None:
+            notifications = [n for n in notifications if n.id <= until]
         skip = skip or set()
         messages = [
             message_from_event(self.store.mapper.to_domain_event(n), n.id)
@@ -97,6 +107,10 @@ class StoreReader:
         with datastore.get_connection() as conn, conn.cursor() as cur:
             cur.execute(statement, (position, limit))
             return [row["notification_id"] for row in cur.fetchall()]
+
+    def last_position(self) -> int:
+        """The store's last notification id."""
+        return self.store.max_position()
 
     def aggregate(self, uuid: UUID, after_version: int) -> list[EventMessage]:
         """An aggregate's events after a version (their store positions are unknown: 0)."""
@@ -135,8 +149,14 @@ class Projector:
 
     # ---- the store: the truth ------------------------------------------------------
 
-    def catch_up(self) -> int:
-        """Apply everything in the store after the read model's checkpoint."""
+    def catch_up(self, until: int | None = None) -> int:
+        """Apply everything in the store after the read model's checkpoint (up to ``until``).
+
+        The periodic reconciliation passes the store's last position as of the
+        previous one: an event stored since is most likely still on its way
+        through Kafka, and reading it from the store too would only apply it
+        twice (the second time a no-op) and hold up the consumer.
+        """
         if self.model.lost():
             log.warning("%s read model lost its data: rebuilding from the store", self.model.name)
             self.model.reset()
@@ -145,13 +165,15 @@ class Projector:
         start = position = self.model.checkpoint()
         while True:
             ids = self.reader.ids_after(position)
+            if until is not None:
+                ids = [i for i in ids if i <= until]
             if not ids:
                 break
             missing = next((i for i in ids if i not in self.seen), None)
             if missing is None:
                 position = ids[-1]  # Kafka brought all of these: nothing to read
             else:
-                position, page = self.reader.after(missing - 1, skip=self.seen)
+                position, page = self.reader.after(missing - 1, skip=self.seen, until=until)
                 self._apply(page)
             self.seen = {p for p in self.seen if p > position}
         if position != start:
@@ -183,7 +205,15 @@ class Projector:
         """Catch up from the store, then consume until :meth:`stop`."""
         self.model.create()
         self.catch_up()
+        try:
+            self._consume()
+        finally:
+            if self.lag is not None:
+                self.lag.flush()
+
+    def _consume(self) -> None:
         last_reconcile = time.monotonic()
+        settled = self.reader.last_position()
         while not self.stopping.is_set():
             try:
                 if self.consumer is None:
@@ -196,15 +226,29 @@ class Projector:
             # Until the group has given us partitions (about 3 s after a start or a
             # rebalance), the store is the only way to keep the lag small.
             unassigned = self.consumer is None or not self.consumer.assignment()
-            if unassigned or time.monotonic() - last_reconcile >= self.reconcile_interval:
+            if unassigned:
                 self.catch_up()
                 last_reconcile = time.monotonic()
+            elif time.monotonic() - last_reconcile >= self.reconcile_interval:
+                latest = self.reader.last_position()
+                self.catch_up(until=settled)
+                settled, last_reconcile = latest, time.monotonic()
 
     def poll_once(self, timeout: float = 0.02) -> int:
+        """Apply what Kafka has: wait up to ``timeout`` for a message, then take the rest.
+
+        ``consume(n, timeout)`` would wait out its whole timeout unless ``n``
+        messages came, adding that much lag to every batch; ``poll`` returns as
+        soon as one message is there, and the messages fetched with it (a writer's
+        batch of events travels together) come with it at no wait.
+        """
         assert self.consumer is not None
-        raw = self.consumer.consume(num_messages=500, timeout=timeout)
-        if not raw:
+        first = self.consumer.poll(timeout)
+        if first is None:
+            if self.lag is not None:
+                self.lag.flush()  # idle: what it measured is visible at once
             return 0
+        raw = [first, *self.consumer.consume(num_messages=499, timeout=0)]
         messages: list[EventMessage] = []
         consumed = 0
         for msg in raw:

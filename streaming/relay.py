@@ -166,6 +166,8 @@ class Relay:
                 continue
             pause = 0.1
             if not sent:
+                if self.lag is not None and not unconfirmed:
+                    self.lag.flush()  # idle: what it measured is visible at once
                 self.stopping.wait(self.idle_wait)
 
     def relay_once(self, after: int) -> int:
@@ -249,6 +251,8 @@ class Relay:
     def close(self) -> None:
         self.producer.flush(5)
         self.position.close()
+        if self.lag is not None:
+            self.lag.flush()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:

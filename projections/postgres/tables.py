@@ -88,12 +88,17 @@ class PostgresReadModel:
         # read-model commits need not wait for the WAL flush the event store waits for.
         self.conn = psycopg.connect(conninfo, autocommit=False, options="-c synchronous_commit=off")
         self._s = sql.Identifier(schema)
+        self._queries: dict[str, bytes] = {}
 
     def close(self) -> None:
         self.conn.close()
 
-    def q(self, text: str) -> sql.Composed:
-        return sql.SQL(text).format(schema=self._s)
+    def q(self, text: str) -> bytes:
+        """``text`` with ``{schema}`` filled in, composed once per statement."""
+        query = self._queries.get(text)
+        if query is None:
+            query = self._queries[text] = sql.SQL(text).format(schema=self._s).as_bytes(self.conn)
+        return query
 
     def create(self) -> None:
         with self.conn.transaction():

@@ -9,6 +9,7 @@ runner rebuilds it from the event store.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -123,18 +124,32 @@ class LagSamples:
     """
 
     KEEP = 20000
+    #: Samples are sent to Redis at most this often (s): a round trip per applied
+    #: batch cost the projectors a tenth of their time, on the path they measure.
+    FLUSH_EVERY = 1.0
 
     def __init__(self, url: str, prefix: str, model: str):
         self.client: redis.Redis = redis.Redis.from_url(url, protocol=2)
         self.key = f"{prefix}:metrics:lag_ms:{model}"
+        self.pending: list[float] = []
+        self.flushed_at = 0.0
 
     def record(self, messages: Sequence[EventMessage]) -> None:
         now = datetime.now(UTC)
-        lags = [round((now - m.timestamp).total_seconds() * 1000, 3) for m in messages]
+        self.pending.extend(round((now - m.timestamp).total_seconds() * 1000, 3) for m in messages)
+        if time.monotonic() - self.flushed_at >= self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the samples recorded since the last flush."""
+        if not self.pending:
+            return
+        self.flushed_at = time.monotonic()
         pipe = self.client.pipeline(transaction=False)
-        pipe.lpush(self.key, *lags)
+        pipe.lpush(self.key, *self.pending)
         pipe.ltrim(self.key, 0, self.KEEP - 1)
         pipe.execute()
+        self.pending = []
 
 
 class RedisReadModel:

@@ -554,3 +554,35 @@ def test_read_models_see_a_new_event_within_seconds_and_record_the_lag(env: Env)
             samples = [float(s) for s in client.lrange(f"{prefix}:metrics:lag_ms:{model}", 0, -1)]
             assert len(samples) >= 6, (model, samples)
             assert all(-50 < s < 5000 for s in samples[:5]), (model, samples)
+
+
+def test_a_catch_up_until_a_position_applies_nothing_after_it(env: Env) -> None:
+    """The periodic reconciliation leaves events newer than its horizon to Kafka."""
+    (spot,) = env.writer.spots(1)
+    settled = env.messages()[-1].position
+    env.writer.heartbeats([spot])
+    env.writer.heartbeats([spot])
+    model = env.postgres()
+    model.create()
+    projector = Projector(model, env.store, env.bootstrap, env.topics)
+    assert projector.catch_up(until=settled) == settled
+    assert model.checkpoint() == settled
+    assert env.applied(parse_spot_id(spot))[0] == 1  # registered, no heartbeat yet
+    assert projector.catch_up() == env.messages()[-1].position
+    assert env.applied(parse_spot_id(spot))[0] == 3
+
+
+def test_lag_samples_are_buffered_and_flushed(env: Env) -> None:
+    env.writer.spots(2)
+    messages = env.messages()
+    url, prefix = env.settings.redis_url, env.settings.redis_prefix
+    lag = LagSamples(url, prefix, "postgres")
+    key = f"{prefix}:metrics:lag_ms:postgres"
+    lag.record(messages[:1])  # the first goes at once
+    assert lag.client.llen(key) == 1
+    lag.record(messages[1:])  # within FLUSH_EVERY of it: kept back
+    assert lag.client.llen(key) == 1
+    lag.flush()
+    assert lag.client.llen(key) == len(messages)
+    samples = [float(s) for s in lag.client.lrange(key, 0, -1)]
+    assert all(0 <= s < 60_000 for s in samples), samples
