@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 JOB_PREFIX = "job-"
@@ -78,5 +79,6 @@ def job_for_key(idempotency_key: str) -> UUID:
     return uuid5(TADPOLE_NAMESPACE, "job-idempotency:" + idempotency_key)
 
 
+@lru_cache(maxsize=1 << 16)
 def block_id(job: UUID, block_number: int) -> UUID:
     return uuid5(job, f"block-{block_number}")

@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import orjson
+
 
 class SweepError(ValueError):
     """The sweep cannot produce tasks (empty or inverted range, too many tasks)."""
@@ -93,7 +95,7 @@ class Sweep:
     def payload(self, index: int) -> str:
         """The JSON string a spot receives for the task at ``index``."""
         p = self.params(index)
-        return json.dumps(
+        return orjson.dumps(
             {
                 "alg": p.algorithm,
                 "iterations": p.iterations,
@@ -101,9 +103,8 @@ class Sweep:
                 "dimension": p.dimension,
                 "jarPath": self.jar_path,
                 "mainClass": self.main_class,
-            },
-            separators=(",", ":"),
-        )
+            }
+        ).decode()
 
     def to_json(self) -> str:
         """Canonical text, stored in events and compared for idempotent retries."""
