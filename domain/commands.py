@@ -328,6 +328,10 @@ class CommandProcessor:
             versions={a.id: a.version for a in batch.touched.values()},
         )
 
+    def invalidate(self) -> None:
+        """The store refused a batch stored elsewhere: reload before the next one."""
+        self._stale = True
+
     def store_decided(self, decided: Decided) -> None:
         """Store a decided batch; if the store refuses, reload before the next batch."""
         if not decided.events:

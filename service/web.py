@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +21,7 @@ from domain.audit import AuditLog
 from domain.commands import CommandProcessor, ReapSpots, ReapTasks
 from domain.store import StorePort, TadpoleStore
 from projections.views import PostgresViews, RedisViews
+from service.recorder import AsyncAppender
 from service.settings import Settings, load_settings
 from service.wiring import configure_logging, open_store
 from service.writer import GroupCommitWriter
@@ -105,7 +105,8 @@ class Lifespan:
         store: TadpoleStore = await asyncio.to_thread(open_store, s)
         processor = CommandProcessor(StorePort(store), s.max_attempts, s.heartbeat_store_interval)
         await asyncio.to_thread(processor.recover, datetime.now(UTC))
-        writer = GroupCommitWriter(processor)
+        appender = AsyncAppender(store, s.database_url)
+        writer = GroupCommitWriter(processor, append=appender.append)
         writer.start()
         self.ctx.writer = writer
         self.ctx.audit = AuditLog(store)
@@ -116,7 +117,7 @@ class Lifespan:
         await self.ctx.postgres.open()
         reapers = Reapers(s, writer)
         await reapers.start()
-        self.holder.update(store=store, writer=writer, reapers=reapers)
+        self.holder.update(store=store, writer=writer, reapers=reapers, appender=appender)
         log.info(
             "API ready: %d open task blocks, %d spots", len(processor.blocks), len(processor.spots)
         )
@@ -125,6 +126,7 @@ class Lifespan:
         if "reapers" in self.holder:
             await self.holder["reapers"].stop()
             await self.holder["writer"].stop()
+            await self.holder["appender"].close()
             self.holder["store"].close()
         await self.ctx.redis.close()
         await self.ctx.postgres.close()
@@ -152,7 +154,4 @@ def build_app(
 
 def app_factory() -> falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]:
     """Entry point for gunicorn: ``service.web:app_factory()``."""
-    # The writer hands batches to threads and back; a short GIL switch interval
-    # keeps those hand-offs from waiting behind the event loop (default 5 ms).
-    sys.setswitchinterval(0.0001)
     return build_app()

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 from domain.commands import Command, CommandProcessor, Decided, Result
@@ -27,9 +28,17 @@ class StoreUnavailableError(RuntimeError):
     """The event store refused the batch; nothing of it was stored (503)."""
 
 
+#: Stores a batch's events atomically (its notification ids), on the event loop.
+Append = Callable[[Sequence[Any]], Awaitable[list[int]]]
+
+
 class GroupCommitWriter:
-    def __init__(self, processor: CommandProcessor):
+    def __init__(self, processor: CommandProcessor, append: Append | None = None):
+        """``append``, when given, stores the events without leaving the event loop
+        (:class:`service.recorder.AsyncAppender`); without it the processor's own
+        store is used, in a worker thread."""
         self.processor = processor
+        self.append = append
         self._pending: list[tuple[Command, asyncio.Future[Result]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -82,7 +91,10 @@ class GroupCommitWriter:
         self, batch: list[tuple[Command, asyncio.Future[Result]]], decided: Decided
     ) -> None:
         try:
-            await asyncio.to_thread(self.processor.store_decided, decided)
+            if self.append is None:
+                await asyncio.to_thread(self.processor.store_decided, decided)
+            elif decided.events:
+                await self._append(decided)
         except Exception as error:
             log.exception("the event store refused a batch of %d commands", len(batch))
             self._fail(batch, error)
@@ -93,6 +105,16 @@ class GroupCommitWriter:
         for (_, future), result in zip(batch, decided.results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    async def _append(self, decided: Decided) -> None:
+        assert self.append is not None
+        try:
+            await self.append(decided.events)
+            if decided.snapshots:  # rare (every 100 events of an aggregate): a thread
+                await asyncio.to_thread(self.processor.store.save, [], decided.snapshots)
+        except BaseException:
+            self.processor.invalidate()
+            raise
 
     @staticmethod
     def _fail(batch: list[tuple[Command, asyncio.Future[Result]]], error: Exception) -> None:

@@ -18,10 +18,24 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 from psycopg import sql
 
-from domain.store import TadpoleStore
-from service.recorder import OneTripRecorder
+from domain.commands import (
+    Claimed,
+    ClaimTasks,
+    CommandProcessor,
+    CompleteTask,
+    CreateJob,
+    Finished,
+    Hello,
+    JobCreated,
+    SpotRegistered,
+)
+from domain.store import StorePort, TadpoleStore
+from domain.sweeps import Range, Sweep
+from domain.tasks import Outcome
+from service.recorder import AsyncAppender, OneTripRecorder
 from service.settings import Settings
 from service.wiring import open_store
+from service.writer import GroupCommitWriter, StoreUnavailableError
 from tests.integration.support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -129,3 +143,94 @@ def test_an_append_notifies_the_channel(store: TadpoleStore) -> None:
         store.save(Note("heard"))
         heard = list(listener.notifies(timeout=5, stop_after=1))
     assert [n.channel for n in heard] == [recorder.channel_name]
+
+
+# ---- the writer's appender, on the event loop -----------------------------------------
+
+
+async def test_the_async_appender_stores_what_the_library_reads(store: TadpoleStore) -> None:
+    appender = AsyncAppender(store, DATABASE_URL)
+    try:
+        note = Note("one")
+        note.edit("two")
+        ids = await appender.append(note.collect_events())
+        assert ids == [1, 2]
+        again = store.repository.get(note.id)
+        assert isinstance(again, Note) and (again.text, again.version) == ("two", 2)
+
+        rival = store.repository.get(note.id)
+        note.edit("mine")
+        await appender.append(note.collect_events())
+        rival.edit("theirs")  # also version 3
+        fresh = Note("would be new")
+        with pytest.raises(psycopg.IntegrityError):
+            await appender.append([*fresh.collect_events(), *rival.collect_events()])
+        assert store.recorder.max_notification_id() == 3
+    finally:
+        await appender.close()
+
+
+async def test_the_async_appender_connects_again_after_losing_its_connection(
+    store: TadpoleStore,
+) -> None:
+    appender = AsyncAppender(store, DATABASE_URL)
+    try:
+        await appender.append(Note("before").collect_events())
+        assert appender.conn is not None
+        backend = appender.conn.info.backend_pid
+        with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        with pytest.raises(psycopg.OperationalError):
+            await appender.append(Note("lost").collect_events())
+        assert await appender.append(Note("after").collect_events())
+        assert appender.conn is not None and appender.conn.info.backend_pid != backend
+        texts = [
+            store.repository.get(n.originator_id).text
+            for n in store.recorder.select_notifications(1, 10)
+        ]  # type: ignore[attr-defined]
+        assert texts == ["before", "after"]
+    finally:
+        await appender.close()
+
+
+async def test_the_writer_appends_on_the_loop_and_recovers_from_a_refused_batch(
+    store: TadpoleStore,
+) -> None:
+    appender = AsyncAppender(store, DATABASE_URL)
+    processor = CommandProcessor(StorePort(store), 3, 5.0)
+    writer = GroupCommitWriter(processor, append=appender.append)
+    writer.start()
+    try:
+        hello = await writer.submit(Hello("10.0.0.1"))
+        assert isinstance(hello, SpotRegistered)
+        sweep = Sweep("/a.jar", "M", ("PSO",), Range(1, 3, 1), Range(1, 1, 1), Range(1, 1, 1))
+        job = await writer.submit(CreateJob(sweep))
+        assert isinstance(job, JobCreated)
+        claimed = await writer.submit(ClaimTasks(hello.spot_id, 2))
+        assert isinstance(claimed, Claimed) and len(claimed.tasks) == 2
+        first = claimed.tasks[0]
+        done = await writer.submit(
+            CompleteTask(first.task_id, hello.spot_id, first.fence, 1, 1, 0.5, None)
+        )
+        assert isinstance(done, Finished) and done.outcome is Outcome.ACCEPTED
+        stored = store.recorder.max_notification_id()
+
+        assert appender.conn is not None
+        with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (appender.conn.info.backend_pid,))
+        second = claimed.tasks[1]
+        with pytest.raises(StoreUnavailableError):
+            await writer.submit(
+                CompleteTask(second.task_id, hello.spot_id, second.fence, 1, 1, 0.5, None)
+            )
+        assert store.recorder.max_notification_id() == stored
+        assert processor.needs_recovery  # what it decided for that batch is forgotten
+
+        again = await writer.submit(
+            CompleteTask(second.task_id, hello.spot_id, second.fence, 1, 1, 0.5, None)
+        )
+        assert isinstance(again, Finished) and again.outcome is Outcome.ACCEPTED
+        assert store.recorder.max_notification_id() > stored
+    finally:
+        await writer.stop()
+        await appender.close()
