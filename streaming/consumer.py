@@ -41,6 +41,8 @@ STORE_PAGE = 2000
 #: version, so what a crash leaves uncommitted is only delivered again, harmlessly;
 #: a commit per applied batch cost the broker a tenth of a core under load.
 COMMIT_EVERY = 0.2
+#: An idle projector or relay shows the lag samples it holds after this long (s).
+IDLE_FLUSH = 0.25
 
 
 class ReadModel(Protocol):
@@ -68,8 +70,9 @@ class LagRecorder(Protocol):
         """Note how long ago each just-applied event was created."""
         ...
 
-    def flush(self) -> None:
-        """Make what was recorded visible (a recorder may buffer)."""
+    def flush(self, older_than: float = 0.0) -> None:
+        """Make what was recorded visible (a recorder may buffer), if its last
+        flush is ``older_than`` seconds ago."""
         ...
 
 
@@ -252,7 +255,7 @@ class Projector:
         first = self.consumer.poll(timeout)
         if first is None:
             if self.lag is not None:
-                self.lag.flush()  # idle: what it measured is visible at once
+                self.lag.flush(older_than=IDLE_FLUSH)  # idle: what it measured, soon
             return 0
         raw = [first, *self.consumer.consume(num_messages=499, timeout=0)]
         messages: list[EventMessage] = []

@@ -28,7 +28,7 @@ from psycopg import sql
 
 from domain.store import TadpoleStore
 from schemas.codec import Codec, EventMessage, message_from_event
-from streaming.consumer import LagRecorder
+from streaming.consumer import IDLE_FLUSH, LagRecorder
 from streaming.topics import TopicCatalogue, ensure_topics, producer_config
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class Relay:
             pause = 0.1
             if not sent:
                 if self.lag is not None and not unconfirmed:
-                    self.lag.flush()  # idle: what it measured is visible at once
+                    self.lag.flush(older_than=IDLE_FLUSH)  # idle: what it measured, soon
                 self.stopping.wait(self.idle_wait)
 
     def relay_once(self, after: int) -> int:

@@ -137,12 +137,11 @@ class LagSamples:
     def record(self, messages: Sequence[EventMessage]) -> None:
         now = datetime.now(UTC)
         self.pending.extend(round((now - m.timestamp).total_seconds() * 1000, 3) for m in messages)
-        if time.monotonic() - self.flushed_at >= self.FLUSH_EVERY:
-            self.flush()
+        self.flush(older_than=self.FLUSH_EVERY)
 
-    def flush(self) -> None:
-        """Send the samples recorded since the last flush."""
-        if not self.pending:
+    def flush(self, older_than: float = 0.0) -> None:
+        """Send the samples recorded since the last flush, if that was ``older_than`` s ago."""
+        if not self.pending or time.monotonic() - self.flushed_at < older_than:
             return
         self.flushed_at = time.monotonic()
         pipe = self.client.pipeline(transaction=False)
