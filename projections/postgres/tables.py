@@ -142,7 +142,9 @@ class PostgresReadModel:
         """
         gaps: list[EventMessage] = []
         changes = _Changes()
-        with self.conn.transaction(), self.conn.cursor() as cur:
+        # Pipelined: BEGIN and the SELECT go together; then the writes and the
+        # COMMIT, which need no answers, in one more round trip.
+        with self.conn.pipeline(), self.conn.transaction(), self.conn.cursor() as cur:
             ids = list({m.aggregate_id for m in messages})
             cur.execute(
                 self.q(
@@ -162,16 +164,16 @@ class PostgresReadModel:
                     continue
                 changes.add(m)
                 versions[m.aggregate_id] = touched[m.aggregate_id] = m.version
-            # The writes need no answers: one round trip for all of them.
-            with self.conn.pipeline():
-                self._write(cur, changes)
-                cur.executemany(
+            self._write(cur, changes)
+            if touched:
+                cur.execute(
                     self.q(
-                        "INSERT INTO {schema}.applied VALUES (%s, %s) "
-                        "ON CONFLICT (aggregate_id) DO UPDATE SET version = EXCLUDED.version "
+                        "INSERT INTO {schema}.applied SELECT * FROM unnest(%s::uuid[], "
+                        "%s::bigint[]) ON CONFLICT (aggregate_id) DO UPDATE "
+                        "SET version = EXCLUDED.version "
                         "WHERE {schema}.applied.version < EXCLUDED.version"
                     ),
-                    list(touched.items()),
+                    (list(touched), list(touched.values())),
                 )
         return gaps
 
