@@ -195,11 +195,13 @@ def run_up(settings: Settings) -> int:
             "projector-redis": [*me, "project", "redis"],
         },
         {**os.environ, **settings.environ()},
-        # On two cores everything competes with the command path, and under a load
-        # that saturates them a background process at a lower priority fell behind
-        # by hundreds of milliseconds now and then; at equal priority the lag holds
-        # (measured: see the README's benchmark). So no nice levels.
-        nice={},
+        # Everything shares the machine's cores. A closed loop of workers makes the
+        # API take all the CPU it can get, and then the relay and the projectors,
+        # which must keep the read models within 100 ms, fell behind by 100-370 ms
+        # now and then (niced, more often). So the API yields to them instead:
+        # measured on two cores, ~15% fewer tasks/s and read-model lag p99 halved
+        # (see the README's benchmark). Separate machines (compose.yaml) need none.
+        nice={"api": 5},
     )
     _on_signals(supervisor.stopping.set)
     supervisor.start()
