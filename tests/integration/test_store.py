@@ -9,7 +9,7 @@ notification order.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from uuid import uuid4
 
 import psycopg
@@ -148,55 +148,63 @@ def test_an_append_notifies_the_channel(store: TadpoleStore) -> None:
 # ---- the writer's appender, on the event loop -----------------------------------------
 
 
-async def test_the_async_appender_stores_what_the_library_reads(store: TadpoleStore) -> None:
-    appender = AsyncAppender(store, DATABASE_URL)
+@pytest.fixture
+async def appender(store: TadpoleStore) -> AsyncIterator[AsyncAppender]:
+    opened = AsyncAppender(store, DATABASE_URL)
     try:
-        note = Note("one")
-        note.edit("two")
-        ids = await appender.append(note.collect_events())
-        assert ids == [1, 2]
-        again = store.repository.get(note.id)
-        assert isinstance(again, Note) and (again.text, again.version) == ("two", 2)
-
-        rival = store.repository.get(note.id)
-        note.edit("mine")
-        await appender.append(note.collect_events())
-        rival.edit("theirs")  # also version 3
-        fresh = Note("would be new")
-        with pytest.raises(psycopg.IntegrityError):
-            await appender.append([*fresh.collect_events(), *rival.collect_events()])
-        assert store.recorder.max_notification_id() == 3
+        yield opened
     finally:
-        await appender.close()
+        await opened.close()
+
+
+def cut_connection(appender: AsyncAppender) -> int:
+    """Terminate the appender's server connection (a database restart, a network cut)."""
+    assert appender.conn is not None
+    backend = appender.conn.info.backend_pid
+    with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+    return backend
+
+
+async def test_the_async_appender_stores_what_the_library_reads(
+    store: TadpoleStore, appender: AsyncAppender
+) -> None:
+    note = Note("one")
+    note.edit("two")
+    ids = await appender.append(note.collect_events())
+    assert ids == [1, 2]
+    again = store.repository.get(note.id)
+    assert isinstance(again, Note) and (again.text, again.version) == ("two", 2)
+
+    rival = store.repository.get(note.id)
+    note.edit("mine")
+    await appender.append(note.collect_events())
+    rival.edit("theirs")  # also version 3
+    fresh = Note("would be new")
+    with pytest.raises(psycopg.IntegrityError):
+        await appender.append([*fresh.collect_events(), *rival.collect_events()])
+    assert store.recorder.max_notification_id() == 3
 
 
 async def test_the_async_appender_connects_again_after_losing_its_connection(
-    store: TadpoleStore,
+    store: TadpoleStore, appender: AsyncAppender
 ) -> None:
-    appender = AsyncAppender(store, DATABASE_URL)
-    try:
-        await appender.append(Note("before").collect_events())
-        assert appender.conn is not None
-        backend = appender.conn.info.backend_pid
-        with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
-        with pytest.raises(psycopg.OperationalError):
-            await appender.append(Note("lost").collect_events())
-        assert await appender.append(Note("after").collect_events())
-        assert appender.conn is not None and appender.conn.info.backend_pid != backend
-        texts = [
-            store.repository.get(n.originator_id).text
-            for n in store.recorder.select_notifications(1, 10)
-        ]  # type: ignore[attr-defined]
-        assert texts == ["before", "after"]
-    finally:
-        await appender.close()
+    await appender.append(Note("before").collect_events())
+    backend = cut_connection(appender)
+    with pytest.raises(psycopg.OperationalError):
+        await appender.append(Note("lost").collect_events())
+    assert await appender.append(Note("after").collect_events())
+    assert appender.conn is not None and appender.conn.info.backend_pid != backend
+    texts = [
+        store.repository.get(n.originator_id).text
+        for n in store.recorder.select_notifications(1, 10)
+    ]  # type: ignore[attr-defined]
+    assert texts == ["before", "after"]
 
 
 async def test_the_writer_appends_on_the_loop_and_recovers_from_a_refused_batch(
-    store: TadpoleStore,
+    store: TadpoleStore, appender: AsyncAppender
 ) -> None:
-    appender = AsyncAppender(store, DATABASE_URL)
     processor = CommandProcessor(StorePort(store), 3, 5.0)
     writer = GroupCommitWriter(processor, append=appender.append)
     writer.start()
@@ -215,9 +223,7 @@ async def test_the_writer_appends_on_the_loop_and_recovers_from_a_refused_batch(
         assert isinstance(done, Finished) and done.outcome is Outcome.ACCEPTED
         stored = store.recorder.max_notification_id()
 
-        assert appender.conn is not None
-        with psycopg.connect(DATABASE_URL, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (appender.conn.info.backend_pid,))
+        cut_connection(appender)
         second = claimed.tasks[1]
         with pytest.raises(StoreUnavailableError):
             await writer.submit(
@@ -233,4 +239,3 @@ async def test_the_writer_appends_on_the_loop_and_recovers_from_a_refused_batch(
         assert store.recorder.max_notification_id() > stored
     finally:
         await writer.stop()
-        await appender.close()
