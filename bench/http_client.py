@@ -60,6 +60,8 @@ class _Protocol(asyncio.Protocol):
             self.waiter.set_result((status, body))
 
     def _fail(self, why: str) -> None:
+        if self.transport is not None:
+            self.transport.close()  # the stream cannot be trusted past this point
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(HttpError(why))
 

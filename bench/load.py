@@ -1,7 +1,7 @@
 """Drive Tadpole's seed 003 worker API the way a fleet of spots would.
 
 Jobs are created first (their rate reported apart); then ``--workers`` spots,
-each a keep-alive asyncio client (bench/http.py, on uvloop), loop: claim up to
+each a keep-alive asyncio client (bench/http_client.py, on uvloop), loop: claim up to
 ``--claim`` tasks, complete each one with its own request; every spot
 heartbeats every 3 s on a second connection. The clock runs from the first
 claim until every task is completed.

@@ -103,18 +103,38 @@ class AsyncAppender:
         self.conn: psycopg.AsyncConnection[Any] | None = None
 
     async def append(self, events: Sequence[Any]) -> list[int]:
-        """Store ``events`` atomically; their notification ids."""
-        stored = [self.mapper.to_stored_event(e) for e in events]
+        """Store ``events`` atomically; their notification ids.
+
+        A connection found broken (the server restarted while it idled) is
+        replaced and the append tried once more. That is safe even when the first
+        try was committed before the connection broke: the retry then finds
+        those versions taken and raises ``IntegrityError``, and the writer
+        reloads from the store.
+        """
+        params = _columns([self.mapper.to_stored_event(e) for e in events])
+        for attempt in (1, 2):
+            try:
+                conn = await self._connection()
+                cursor = await conn.execute(self.recorder.append_statement, params, prepare=True)
+                return [row[0] for row in await cursor.fetchall()]
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                await self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self.conn is None or self.conn.closed:
-            self.conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
-        try:
-            cursor = await self.conn.execute(
-                self.recorder.append_statement, _columns(stored), prepare=True
+            self.conn = await psycopg.AsyncConnection.connect(
+                self.conninfo,
+                autocommit=True,
+                connect_timeout=10,
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
             )
-            return [row[0] for row in await cursor.fetchall()]
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            await self.close()  # a new connection for the next batch
-            raise
+        return self.conn
 
     async def close(self) -> None:
         if self.conn is not None:

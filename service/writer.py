@@ -110,11 +110,16 @@ class GroupCommitWriter:
         assert self.append is not None
         try:
             await self.append(decided.events)
-            if decided.snapshots:  # rare (every 100 events of an aggregate): a thread
-                await asyncio.to_thread(self.processor.store.save, [], decided.snapshots)
         except BaseException:
             self.processor.invalidate()
             raise
+        if decided.snapshots:  # rare (every 100 events of an aggregate): a thread
+            try:
+                await asyncio.to_thread(self.processor.store.save, [], decided.snapshots)
+            except Exception:
+                # The events are stored: the batch stands. A snapshot only speeds up
+                # loading; the aggregate's next hundred events bring another.
+                log.warning("storing %d snapshots failed", len(decided.snapshots), exc_info=True)
 
     @staticmethod
     def _fail(batch: list[tuple[Command, asyncio.Future[Result]]], error: Exception) -> None:

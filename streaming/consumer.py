@@ -253,9 +253,10 @@ class Projector:
         """
         assert self.consumer is not None
         first = self.consumer.poll(timeout)
-        if first is None:
+        if first is None:  # idle: what it applied and measured shows soon
             if self.lag is not None:
-                self.lag.flush(older_than=IDLE_FLUSH)  # idle: what it measured, soon
+                self.lag.flush(older_than=IDLE_FLUSH)
+            self._commit_due()
             return 0
         raw = [first, *self.consumer.consume(num_messages=499, timeout=0)]
         messages: list[EventMessage] = []
@@ -279,8 +280,7 @@ class Projector:
                 self.lag.record(messages)
         if consumed:
             self._uncommitted = True
-        if self._uncommitted and time.monotonic() - self._committed_at >= COMMIT_EVERY:
-            self._commit()
+        self._commit_due()
         return len(messages)
 
     def _dead_letter(self, msg: Message, reason: str) -> None:
@@ -325,6 +325,10 @@ class Projector:
         except ValueError:
             return  # no usable key: the periodic catch-up re-reads it from the store
         self._heal(uuid)
+
+    def _commit_due(self) -> None:
+        if self._uncommitted and time.monotonic() - self._committed_at >= COMMIT_EVERY:
+            self._commit()
 
     def _commit(self, asynchronous: bool = True) -> None:
         """Commit the offsets of what was applied (stored on delivery, after the effect)."""

@@ -9,6 +9,7 @@ runner rebuilds it from the event store.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -18,6 +19,8 @@ import redis
 
 from domain.ids import spot_id
 from schemas.codec import EventMessage
+
+log = logging.getLogger(__name__)
 
 APPLY = """
 local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
@@ -140,14 +143,23 @@ class LagSamples:
         self.flush(older_than=self.FLUSH_EVERY)
 
     def flush(self, older_than: float = 0.0) -> None:
-        """Send the samples recorded since the last flush, if that was ``older_than`` s ago."""
+        """Send the samples recorded since the last flush, if that was ``older_than`` s ago.
+
+        Measurements must never stop what they measure: while Redis is away the
+        newest ``KEEP`` samples wait, and the error is only logged.
+        """
         if not self.pending or time.monotonic() - self.flushed_at < older_than:
             return
         self.flushed_at = time.monotonic()
-        pipe = self.client.pipeline(transaction=False)
-        pipe.lpush(self.key, *self.pending)
-        pipe.ltrim(self.key, 0, self.KEEP - 1)
-        pipe.execute()
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.lpush(self.key, *self.pending)
+            pipe.ltrim(self.key, 0, self.KEEP - 1)
+            pipe.execute()
+        except redis.RedisError as error:
+            del self.pending[: -self.KEEP]
+            log.warning("lag samples not sent to Redis: %s", error)
+            return
         self.pending = []
 
 

@@ -186,20 +186,37 @@ async def test_the_async_appender_stores_what_the_library_reads(
     assert store.recorder.max_notification_id() == 3
 
 
-async def test_the_async_appender_connects_again_after_losing_its_connection(
+UNREACHABLE = "postgresql://postgres@127.0.0.1:1/postgres"  # nothing listens on port 1
+
+
+def stored_texts(store: TadpoleStore) -> list[str]:
+    return [
+        store.repository.get(n.originator_id).text  # type: ignore[attr-defined]
+        for n in store.recorder.select_notifications(1, 10)
+    ]
+
+
+async def test_the_async_appender_replaces_a_broken_connection_and_tries_again(
     store: TadpoleStore, appender: AsyncAppender
 ) -> None:
     await appender.append(Note("before").collect_events())
-    backend = cut_connection(appender)
+    backend = cut_connection(appender)  # say, PostgreSQL restarted while the writer idled
+    assert await appender.append(Note("after the cut").collect_events())
+    assert appender.conn is not None and appender.conn.info.backend_pid != backend
+    assert stored_texts(store) == ["before", "after the cut"]
+
+
+async def test_the_async_appender_raises_when_the_database_stays_away(
+    store: TadpoleStore, appender: AsyncAppender
+) -> None:
+    await appender.append(Note("before").collect_events())
+    cut_connection(appender)
+    appender.conninfo = UNREACHABLE
     with pytest.raises(psycopg.OperationalError):
         await appender.append(Note("lost").collect_events())
-    assert await appender.append(Note("after").collect_events())
-    assert appender.conn is not None and appender.conn.info.backend_pid != backend
-    texts = [
-        store.repository.get(n.originator_id).text
-        for n in store.recorder.select_notifications(1, 10)
-    ]  # type: ignore[attr-defined]
-    assert texts == ["before", "after"]
+    appender.conninfo = DATABASE_URL  # it came back
+    await appender.append(Note("after").collect_events())
+    assert stored_texts(store) == ["before", "after"]
 
 
 async def test_the_writer_appends_on_the_loop_and_recovers_from_a_refused_batch(
@@ -224,6 +241,7 @@ async def test_the_writer_appends_on_the_loop_and_recovers_from_a_refused_batch(
         stored = store.recorder.max_notification_id()
 
         cut_connection(appender)
+        appender.conninfo = UNREACHABLE
         second = claimed.tasks[1]
         with pytest.raises(StoreUnavailableError):
             await writer.submit(
@@ -231,6 +249,7 @@ async def test_the_writer_appends_on_the_loop_and_recovers_from_a_refused_batch(
             )
         assert store.recorder.max_notification_id() == stored
         assert processor.needs_recovery  # what it decided for that batch is forgotten
+        appender.conninfo = DATABASE_URL
 
         again = await writer.submit(
             CompleteTask(second.task_id, hello.spot_id, second.fence, 1, 1, 0.5, None)
