@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
@@ -9,6 +10,8 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import Notification
+
+log = logging.getLogger(__name__)
 
 
 class TadpoleStore(Application[UUID]):
@@ -71,9 +74,17 @@ class StorePort:
         return self.store.load(uuid)
 
     def save(self, events: Sequence[Any], snapshots: Sequence[Any]) -> None:
+        """Append ``events``; then store ``snapshots``, best effort.
+
+        Once the events are stored the batch stands: a snapshot only speeds up
+        loading, and the aggregate's next hundred events bring another.
+        """
         self.last_position = self.store.save_all(events)
         if snapshots and self.store.snapshots is not None:
-            self.store.snapshots.put(list(snapshots))
+            try:
+                self.store.snapshots.put(list(snapshots))
+            except Exception:
+                log.warning("storing %d snapshots failed", len(snapshots), exc_info=True)
 
     def ids_of(self, topics: Sequence[str]) -> list[UUID]:
         return self.store.ids_of(topics)

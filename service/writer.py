@@ -113,13 +113,8 @@ class GroupCommitWriter:
         except BaseException:
             self.processor.invalidate()
             raise
-        if decided.snapshots:  # rare (every 100 events of an aggregate): a thread
-            try:
-                await asyncio.to_thread(self.processor.store.save, [], decided.snapshots)
-            except Exception:
-                # The events are stored: the batch stands. A snapshot only speeds up
-                # loading; the aggregate's next hundred events bring another.
-                log.warning("storing %d snapshots failed", len(decided.snapshots), exc_info=True)
+        if decided.snapshots:  # rare (every 100 events of an aggregate), best effort
+            await asyncio.to_thread(self.processor.store.save, [], decided.snapshots)
 
     @staticmethod
     def _fail(batch: list[tuple[Command, asyncio.Future[Result]]], error: Exception) -> None:

@@ -11,17 +11,18 @@ from service.writer import GroupCommitWriter
 
 
 class SnapshotsFail(StorePort):
-    """A store port that stores events but refuses every snapshot."""
+    """A store port over a store that stores events but refuses every snapshot."""
 
     def __init__(self, store: TadpoleStore):
         super().__init__(store)
         self.refused = 0
 
-    def save(self, events: Sequence[Any], snapshots: Sequence[Any]) -> None:
-        if snapshots:
+        def refuse(snapshots: Sequence[Any]) -> None:
             self.refused += 1
             raise ConnectionError("the snapshot table is unreachable")
-        super().save(events, snapshots)
+
+        assert store.snapshots is not None
+        store.snapshots.put = refuse  # type: ignore[method-assign]
 
 
 async def test_a_refused_snapshot_does_not_fail_a_stored_batch() -> None:
