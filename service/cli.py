@@ -48,6 +48,15 @@ def _project(args: argparse.Namespace) -> int:
     return run_projector(_settings(args), args.read_model)
 
 
+def _dead_letters(args: argparse.Namespace) -> int:
+    from service.deadletters import list_letters, retry_letters
+
+    settings = _settings(args)
+    if args.action == "retry":
+        return retry_letters(settings, args.ids or None, args.stage, args.wait)
+    return list_letters(settings, args.stage, args.all, args.json)
+
+
 def _schemas(args: argparse.Namespace) -> int:
     from schemas.events import rendered_schemas, write_schemas
 
@@ -99,6 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
     project = add("project", "feed one read model from Kafka, healing from the event store")
     project.add_argument("read_model", choices=["postgres", "redis"], help="which read model")
     project.set_defaults(run=_project)
+
+    letters = add(
+        "dead-letters",
+        "list the events a pipeline step could not take, or have them re-applied "
+        "once the cause is fixed",
+    )
+    letters.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "retry"],
+        default="list",
+        help="list (default) the letters not yet re-applied, or retry them",
+    )
+    letters.add_argument("ids", nargs="*", type=int, help="retry only these letter ids")
+    letters.add_argument(
+        "--stage", help="only this step: relay, projector.postgres or projector.redis"
+    )
+    letters.add_argument("--all", action="store_true", help="list re-applied letters too")
+    letters.add_argument("--json", action="store_true", help="list as JSON lines")
+    letters.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        help="seconds retry waits for the steps to re-apply the letters (default 30)",
+    )
+    letters.set_defaults(run=_dead_letters)
 
     schemas = add("schemas", "print the Avro schemas of every event, or write schemas/avro/")
     schemas.add_argument("--write", action="store_true", help="write schemas/avro/*.avsc")

@@ -11,6 +11,8 @@ from psycopg import sql
 from domain.store import TadpoleStore
 from service import recorder
 from service.settings import Settings
+from streaming.deadletters import DeadLetters
+from streaming.progress import Progress
 
 
 def store_env(settings: Settings) -> dict[str, str]:
@@ -48,7 +50,10 @@ def open_store(settings: Settings) -> TadpoleStore:
                     sql.Identifier(settings.store_schema)
                 )
             )
-            return TadpoleStore(store_env(settings))
+            store = TadpoleStore(store_env(settings))
+            conn.execute(DeadLetters(store).ddl())
+            conn.execute(Progress(store).ddl())
+            return store
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
 

@@ -16,6 +16,13 @@ up from the event store itself:
 Bytes that do not decode go to the topic's dead-letter topic with the reason;
 the aggregate named by the message key is then re-read from the store, and the
 consumer carries on.
+
+An event the read model cannot apply (a value its columns refuse, say) is
+dead-lettered with the reason (:mod:`streaming.deadletters`): its aggregate is
+parked, the others go on, and ``tadpole dead-letters retry`` has it re-applied
+from the store once the cause is fixed. With the store or the read model
+unreachable the projector waits and retries with growing pauses instead of
+exiting.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ from psycopg import sql
 
 from domain.store import TadpoleStore
 from schemas.codec import Codec, DecodeError, EventMessage, message_from_event
+from streaming.backoff import Backoff
+from streaming.deadletters import DeadLetters, projector_stage
+from streaming.progress import Progress
 from streaming.topics import TopicCatalogue, consumer_config, ensure_topics, producer_config
 
 log = logging.getLogger(__name__)
@@ -43,10 +53,14 @@ STORE_PAGE = 2000
 COMMIT_EVERY = 0.2
 #: An idle projector or relay shows the lag samples it holds after this long (s).
 IDLE_FLUSH = 0.25
+#: A projector shows how far it got (for health) at most this often (s).
+PROGRESS_EVERY = 0.5
 
 
 class ReadModel(Protocol):
     name: str
+    #: Errors that mean "unreachable, try again later", not "this event is bad".
+    transient: tuple[type[BaseException], ...]
 
     def create(self) -> None: ...
 
@@ -136,6 +150,8 @@ class Projector:
         catalogue: TopicCatalogue,
         reconcile_interval: float = 2.0,
         lag: LagRecorder | None = None,
+        dead_letters: DeadLetters | None = None,
+        progress: Progress | None = None,
     ):
         self.model = model
         self.reader = StoreReader(store)
@@ -155,6 +171,14 @@ class Projector:
         self.seen: set[int] = set()
         self._uncommitted = False
         self._committed_at = 0.0
+        self.stage = projector_stage(model.name)
+        self.dead_letters = dead_letters or DeadLetters(store)
+        self.progress = progress or Progress(store)
+        #: Aggregates with a dead letter: none of their events is applied until re-applied.
+        self.parked: dict[UUID, int] | None = None
+        #: The highest store position applied, and what was last shown of it.
+        self.position = 0
+        self._shown = (0, 0.0)
 
     # ---- the store: the truth ------------------------------------------------------
 
@@ -187,20 +211,84 @@ class Projector:
             self.seen = {p for p in self.seen if p > position}
         if position != start:
             self.model.set_checkpoint(position)
+        self.position = max(self.position, position)
         return position
 
     def _apply(self, messages: Sequence[EventMessage]) -> None:
-        gaps = self.model.apply(messages)
-        for uuid in dict.fromkeys(m.aggregate_id for m in gaps):
+        for uuid in dict.fromkeys(m.aggregate_id for m in self._apply_safely(messages)):
             self._heal(uuid)
+        if messages:
+            self.position = max(self.position, max(m.position for m in messages))
+
+    def _apply_safely(self, messages: Sequence[EventMessage]) -> list[EventMessage]:
+        """Apply what is not parked; an event the model refuses is dead-lettered.
+
+        Returns the messages that came after a gap. A transient error (the read
+        model unreachable) is raised: nothing is dead-lettered for it.
+        """
+        parked = self._parked()
+        if parked:
+            messages = [m for m in messages if m.aggregate_id not in parked]
+        try:
+            return self.model.apply(messages)
+        except self.model.transient:
+            raise
+        except Exception:  # one of them is bad: find it, apply the others one by one
+            log.warning("%s: a batch of %d failed; applying one by one", self.stage, len(messages))
+        gaps: list[EventMessage] = []
+        for m in messages:
+            if m.aggregate_id in parked:
+                continue
+            try:
+                gaps.extend(self.model.apply([m]))
+            except self.model.transient:
+                raise
+            except Exception as error:  # this event cannot be applied
+                reason = f"{type(error).__name__}: {error}"
+                self.dead_letters.record(
+                    self.stage, m.aggregate_id, m.version, m.position, m.type, reason
+                )
+                parked[m.aggregate_id] = m.version
+        return gaps
+
+    def _parked(self) -> dict[UUID, int]:
+        if self.parked is None:
+            self.parked = {
+                d.aggregate_id: d.version for d in self.dead_letters.unresolved(self.stage)
+            }
+        return self.parked
 
     def _heal(self, uuid: UUID) -> None:
         """Apply an aggregate's events from the store until it has no gap."""
         for _ in range(3):
+            if uuid in self._parked():
+                return
             missing = self.reader.aggregate(uuid, 0)
-            if not self.model.apply(missing):
+            if not self._apply_safely(missing):
                 return
         log.error("%s: aggregate %s still has a gap after healing", self.model.name, uuid)
+
+    def retry_dead_letters(self) -> None:
+        """Re-apply, from the store, the aggregates whose letters someone asked to re-apply."""
+        parked = self._parked()
+        due: dict[UUID, list[int]] = {}
+        for letter in self.dead_letters.due(self.stage):
+            due.setdefault(letter.aggregate_id, []).append(letter.id)
+        for uuid, ids in due.items():
+            parked.pop(uuid, None)
+            self._heal(uuid)
+            if uuid not in parked:
+                self.dead_letters.resolve(ids)
+                log.info("%s: re-applied %s (%d dead letters)", self.stage, uuid, len(ids))
+        # Letters resolved (or added) elsewhere: the table is the truth.
+        self.parked = {d.aggregate_id: d.version for d in self.dead_letters.unresolved(self.stage)}
+
+    def show_progress(self, force: bool = False) -> None:
+        """Record how far this projector got, for health (throttled)."""
+        position, at = self._shown
+        if self.position != position and (force or time.monotonic() - at >= PROGRESS_EVERY):
+            self.progress.publish(self.stage, self.position)
+            self._shown = (self.position, time.monotonic())
 
     # ---- Kafka: the fast path ---------------------------------------------------------
 
@@ -211,11 +299,35 @@ class Projector:
         return consumer
 
     def run(self) -> None:
-        """Catch up from the store, then consume until :meth:`stop`."""
-        self.model.create()
-        self.catch_up()
+        """Catch up from the store, then consume until :meth:`stop`.
+
+        Whatever fails in a round (the broker, the store, the read model) is
+        logged and the round tried again after a growing pause: a projector never
+        exits because something it depends on is away for a while.
+        """
+        backoff = Backoff()
+        started = False
         try:
-            self._consume()
+            while not self.stopping.is_set():
+                try:
+                    if not started:
+                        self.model.create()
+                        self.catch_up()
+                        started = True
+                    self._consume()
+                except Exception as error:  # anything it depends on may be away a while
+                    pause = backoff.next()
+                    log.warning(
+                        "%s: %s: %s; retrying in %.1fs",
+                        self.stage,
+                        type(error).__name__,
+                        error,
+                        pause,
+                    )
+                    self._drop_consumer()  # uncommitted offsets are delivered again
+                    self.stopping.wait(pause)
+                else:
+                    backoff.reset()
         finally:
             if self.lag is not None:
                 self.lag.flush()
@@ -228,7 +340,7 @@ class Projector:
                 if self.consumer is None:
                     self.consumer = self._connect()
                 self.poll_once()
-            except Exception as error:  # the broker may vanish and come back empty
+            except KafkaException as error:  # the broker may vanish and come back empty
                 log.warning("%s: consumer trouble (%s); reconnecting", self.model.name, error)
                 self._drop_consumer()
                 self.stopping.wait(0.5)
@@ -241,7 +353,9 @@ class Projector:
             elif time.monotonic() - last_reconcile >= self.reconcile_interval:
                 latest = self.reader.last_position()
                 self.catch_up(until=settled)
+                self.retry_dead_letters()
                 settled, last_reconcile = latest, time.monotonic()
+            self.show_progress()
 
     def poll_once(self, timeout: float = 0.02) -> int:
         """Apply what Kafka has: wait up to ``timeout`` for a message, then take the rest.

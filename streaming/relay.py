@@ -12,6 +12,13 @@ that outlived the broker's state never recovers (it times out, never fatally)
 and its "deliveries" to the new broker may be dropped, so the producer is
 replaced as soon as it reports the broker gone, and after any failed batch. What
 the empty broker lost is not re-sent: the projections heal from the store.
+
+An event that cannot be encoded, or that the broker refuses for good (larger
+than its message size, say), is dead-lettered (:mod:`streaming.deadletters`)
+and the relay goes on with the next one: consumers see a gap for that aggregate
+and read its events from the store. ``tadpole dead-letters retry`` asks the relay
+to produce it again once the cause is fixed. With the event store unreachable
+the relay waits and retries with growing pauses instead of exiting.
 """
 
 from __future__ import annotations
@@ -21,19 +28,38 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from confluent_kafka import KafkaError, KafkaException, Producer
+from eventsourcing.persistence import Notification, PersistenceError
 from psycopg import sql
 
 from domain.store import TadpoleStore
-from schemas.codec import Codec, EventMessage, message_from_event
+from schemas.codec import EPOCH, Codec, EventMessage, message_from_event
+from streaming.backoff import Backoff
 from streaming.consumer import IDLE_FLUSH, LagRecorder
+from streaming.deadletters import RELAY, DeadLetters
 from streaming.topics import TopicCatalogue, ensure_topics, producer_config
 
 log = logging.getLogger(__name__)
 
 BATCH = 1000
+#: Dead letters someone asked to re-send are looked for this often (s).
+RETRY_EVERY = 2.0
+#: Broker answers that no retry can change: the message itself is refused.
+REFUSED = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+        KafkaError._INVALID_ARG,
+    }
+)
+#: The event store or the position table is away: wait and retry.
+STORE_DOWN = (PersistenceError, psycopg.OperationalError, psycopg.InterfaceError)
 
 
 def topic_for(catalogue: TopicCatalogue, message_type: str) -> str:
@@ -44,29 +70,50 @@ class RelayPosition:
     """The relay's position in the notification log, in PostgreSQL."""
 
     def __init__(self, conninfo: str, schema: str, name: str = "relay"):
-        # A position lost in a crash only means re-sending a batch (consumers
-        # ignore duplicates), so its commits need not wait for the WAL flush.
-        self.conn = psycopg.connect(conninfo, autocommit=True, options="-c synchronous_commit=off")
+        self.conninfo = conninfo
+        self.schema = schema
         self.table = sql.Identifier(schema, "relay_position")
         self.name = name
-        self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        self.conn.execute(
+        self.conn = self._connect()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        # A position lost in a crash only means re-sending a batch (consumers
+        # ignore duplicates), so its commits need not wait for the WAL flush.
+        conn = psycopg.connect(
+            self.conninfo,
+            autocommit=True,
+            connect_timeout=5,
+            options="-c synchronous_commit=off",
+        )
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+        conn.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, position bigint NOT NULL)"
             ).format(self.table)
         )
+        return conn
+
+    def _one(self, statement: sql.Composed, params: tuple[Any, ...]) -> Any:
+        """Run a statement, on a new connection if the last one broke; its first row."""
+        if self.conn.closed:
+            self.conn = self._connect()
+        try:
+            return self.conn.execute(statement, params).fetchone()
+        except psycopg.OperationalError:
+            self.conn.close()
+            raise
 
     def get(self) -> int:
-        row = self.conn.execute(
+        row = self._one(
             sql.SQL("SELECT position FROM {} WHERE name = %s").format(self.table), (self.name,)
-        ).fetchone()
+        )
         return int(row[0]) if row else 0
 
     def set(self, position: int) -> None:
-        self.conn.execute(
+        self._one(
             sql.SQL(
                 "INSERT INTO {} VALUES (%s, %s) ON CONFLICT (name) "
-                "DO UPDATE SET position = EXCLUDED.position"
+                "DO UPDATE SET position = EXCLUDED.position RETURNING position"
             ).format(self.table),
             (self.name, position),
         )
@@ -95,6 +142,7 @@ class Relay:
         idle_wait: float = 0.005,
         lag: LagRecorder | None = None,
         confirm_interval: float = 0.05,
+        dead_letters: DeadLetters | None = None,
     ):
         self.store = store
         self.position = position
@@ -110,6 +158,9 @@ class Relay:
         self.producer = self._new_producer()
         self.relayed = 0
         self.lag = lag
+        self.dead_letters = dead_letters or DeadLetters(store)
+        self.dead_lettered = 0
+        self._retry_at = 0.0
 
     def _new_producer(self) -> Producer:
         ensure_topics(self.bootstrap, self.catalogue)
@@ -129,21 +180,24 @@ class Relay:
         return producer
 
     def run(self, on_batch: Callable[[int], None] | None = None) -> None:
-        """Relay until :meth:`stop`; retries broker trouble with a growing pause.
+        """Relay until :meth:`stop`; retries broker and store trouble with a growing pause.
 
         It produces continuously and confirms in rounds: every ``confirm_interval``
         (or when it has caught up) it waits for the broker to acknowledge what it
         produced and only then records the position. A failed round is re-sent
         from the last recorded position.
         """
-        pause = 0.1
-        produced = self.position.get()
-        log.info("relay starts after store position %d", produced)
+        backoff = Backoff()
+        produced: int | None = None
         unconfirmed: list[EventMessage] = []
-        errors: list[KafkaError] = []
+        errors: list[tuple[KafkaError, EventMessage]] = []
         since = time.monotonic()
         while not self.stopping.is_set():
+            sent: list[EventMessage] = []
             try:
+                if produced is None:
+                    produced = self.position.get()
+                    log.info("relay starts after store position %d", produced)
                 sent = self._send(produced, errors)
                 if sent:
                     if not unconfirmed:
@@ -156,15 +210,23 @@ class Relay:
                     unconfirmed, errors = [], []
                     if on_batch:
                         on_batch(produced)
+                if not sent and not unconfirmed:
+                    self._retry_due()
             except (DeliveryError, KafkaException) as error:
+                pause = backoff.next()
                 log.warning("relay: broker trouble (%s); retrying in %.1fs", error, pause)
                 self.stopping.wait(pause)
-                pause = min(pause * 2, 5.0)
                 self._recover(error)
-                produced = self.position.get()
-                unconfirmed, errors = [], []
+                produced, unconfirmed, errors = None, [], []
                 continue
-            pause = 0.1
+            except STORE_DOWN as error:
+                pause = backoff.next()
+                log.warning("relay: event store unavailable (%s); retrying in %.1fs", error, pause)
+                self.stopping.wait(pause)
+                self._recover(error)  # what was produced is sent again from the position
+                produced, unconfirmed, errors = None, [], []
+                continue
+            backoff.reset()
             if not sent:
                 if self.lag is not None and not unconfirmed:
                     self.lag.flush(older_than=IDLE_FLUSH)  # idle: what it measured, soon
@@ -172,7 +234,7 @@ class Relay:
 
     def relay_once(self, after: int) -> int:
         """Relay one batch after ``after`` and confirm it; the new position (0: nothing new)."""
-        errors: list[KafkaError] = []
+        errors: list[tuple[KafkaError, EventMessage]] = []
         sent = self._send(after, errors)
         if not sent:
             return 0
@@ -180,34 +242,54 @@ class Relay:
         self._record(sent)
         return sent[-1].position
 
-    def _send(self, after: int, errors: list[KafkaError]) -> list[EventMessage]:
-        """Produce the events after ``after`` (not waiting for acknowledgements)."""
+    def _send(
+        self, after: int, errors: list[tuple[KafkaError, EventMessage]]
+    ) -> list[EventMessage]:
+        """Produce the events after ``after`` (not waiting for acknowledgements).
+
+        Returns every event it read, the dead-lettered ones included: the position
+        moves past them.
+        """
         notifications = self.store.notifications(after, BATCH)
         if not notifications:
             return []
         self.producer.poll(0)  # serves error_cb: did the broker go away while we idled?
         if self.producer_stale.is_set():
             raise DeliveryError([KafkaError(KafkaError._ALL_BROKERS_DOWN)])
-
-        def delivered(error: KafkaError | None, _msg: object) -> None:
-            if error is not None:
-                errors.append(error)
-
-        messages = [
-            message_from_event(self.store.mapper.to_domain_event(n), n.id) for n in notifications
-        ]
-        for message in messages:
-            self._produce(message, delivered)
+        messages: list[EventMessage] = []
+        for n in notifications:
+            message = self._message(n)
+            if message is not None:
+                messages.append(message)
+                self._produce(message, errors)
         return messages
 
-    def _confirm(self, errors: list[KafkaError]) -> None:
-        """Wait until the broker acknowledged everything produced, or raise."""
+    def _message(self, n: Notification) -> EventMessage | None:
+        """The message of a stored event; a dead letter if the store's mapper cannot read it."""
+        try:
+            return message_from_event(self.store.mapper.to_domain_event(n), n.id)
+        except Exception as error:  # any failure to read one event is that event's
+            self._dead_letter(
+                EventMessage(n.topic, UUID(str(n.originator_id)), n.originator_version, n.id,
+                             EPOCH, {}),
+                f"unreadable stored event: {type(error).__name__}: {error}",
+            )  # fmt: skip
+            return None
+
+    def _confirm(self, errors: list[tuple[KafkaError, EventMessage]]) -> None:
+        """Wait until the broker acknowledged everything produced, or raise.
+
+        A message the broker refused for good is dead-lettered instead.
+        """
         deadline = time.monotonic() + 30
         remaining = self.producer.flush(0.1)
         while remaining and not self.producer_stale.is_set() and time.monotonic() < deadline:
             remaining = self.producer.flush(0.1)
-        if remaining or errors or self.producer_stale.is_set():
-            raise DeliveryError(errors or [KafkaError(KafkaError._MSG_TIMED_OUT)])
+        trouble = [e for e, _ in errors if e.code() not in REFUSED]
+        if remaining or trouble or self.producer_stale.is_set():
+            raise DeliveryError(trouble or [KafkaError(KafkaError._MSG_TIMED_OUT)])
+        for error, message in errors:
+            self._dead_letter(message, f"the broker refused it: {error.str()}")
 
     def _record(self, messages: list[EventMessage]) -> None:
         if self.lag is not None:
@@ -215,8 +297,20 @@ class Relay:
         self.position.set(messages[-1].position)
         self.relayed += len(messages)
 
-    def _produce(self, message: EventMessage, delivered: Callable[..., None]) -> None:
-        value = self.codec.encode(message)
+    def _produce(
+        self, message: EventMessage, errors: list[tuple[KafkaError, EventMessage]]
+    ) -> None:
+        """Produce one message; one that cannot be encoded or is refused at once is dead-lettered."""
+
+        def delivered(error: KafkaError | None, _msg: object) -> None:
+            if error is not None:
+                errors.append((error, message))
+
+        try:
+            value = self.codec.encode(message)
+        except Exception as error:  # fastavro raises many kinds on values out of range
+            self._dead_letter(message, f"cannot be Avro-encoded: {type(error).__name__}: {error}")
+            return
         while True:
             try:
                 self.producer.produce(
@@ -229,6 +323,40 @@ class Relay:
                 return
             except BufferError:
                 self.producer.poll(0.05)
+            except KafkaException as error:
+                if error.args[0].code() not in REFUSED:
+                    raise
+                self._dead_letter(message, f"the producer refused it: {error.args[0].str()}")
+                return
+
+    def _dead_letter(self, message: EventMessage, reason: str) -> None:
+        self.dead_letters.record(
+            RELAY, message.aggregate_id, message.version, message.position, message.type, reason
+        )
+        self.dead_lettered += 1
+
+    def _retry_due(self) -> None:
+        """Produce again the dead letters someone asked to re-send (``tadpole dead-letters retry``)."""
+        if time.monotonic() < self._retry_at:
+            return
+        self._retry_at = time.monotonic() + RETRY_EVERY
+        for letter in self.dead_letters.due(RELAY):
+            found = [n for n in self.store.notifications(letter.position - 1, 1)
+                     if n.id == letter.position]  # fmt: skip
+            message = self._message(found[0]) if found else None
+            if message is None:
+                self.dead_letters.record(
+                    RELAY, letter.aggregate_id, letter.version, letter.position,
+                    letter.event_type, "the stored event cannot be read",
+                )  # fmt: skip
+                continue
+            errors: list[tuple[KafkaError, EventMessage]] = []
+            before = self.dead_lettered
+            self._produce(message, errors)
+            self._confirm(errors)
+            if self.dead_lettered == before:
+                self.dead_letters.resolve([letter.id])
+                log.info("relay: re-sent dead letter %d (%s)", letter.id, letter.event_type)
 
     def _recover(self, error: Exception) -> None:
         """Recreate the topics (an empty broker) and replace the producer.
@@ -253,12 +381,3 @@ class Relay:
         self.position.close()
         if self.lag is not None:
             self.lag.flush()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -80,18 +80,35 @@ class PostgresReadModel:
     """Applies events to the tables in ``schema`` (sync psycopg; one projector process)."""
 
     name = "postgres"
+    transient: tuple[type[BaseException], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
 
     def __init__(self, conninfo: str, schema: str):
+        self.conninfo = conninfo
         self.schema = schema
-        # Derived data: a commit lost in a crash leaves the model (and its tracking,
-        # committed atomically with it) a little behind, and the store heals it, so
-        # read-model commits need not wait for the WAL flush the event store waits for.
-        self.conn = psycopg.connect(conninfo, autocommit=False, options="-c synchronous_commit=off")
+        self._conn: psycopg.Connection[Any] | None = None
         self._s = sql.Identifier(schema)
         self._queries: dict[str, bytes] = {}
 
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        """The connection, opened anew if the last one broke (the database restarted)."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                self._conn.close()
+            # Derived data: a commit lost in a crash leaves the model (and its tracking,
+            # committed atomically with it) a little behind, and the store heals it, so
+            # read-model commits need not wait for the WAL flush the event store waits for.
+            self._conn = psycopg.connect(
+                self.conninfo,
+                autocommit=False,
+                connect_timeout=5,
+                options="-c synchronous_commit=off",
+            )
+        return self._conn
+
     def close(self) -> None:
-        self.conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
     def q(self, text: str) -> bytes:
         """``text`` with ``{schema}`` filled in, composed once per statement."""

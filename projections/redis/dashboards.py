@@ -167,6 +167,7 @@ class RedisReadModel:
     """Applies events to the Redis dashboards under ``prefix``."""
 
     name = "redis"
+    transient: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
 
     def __init__(self, url: str, prefix: str):
         self.keys = RedisKeys(prefix)

@@ -136,9 +136,9 @@ class WatchedProjector(Projector):
         self.catch_ups: list[float] = []
         self.partitions: set[tuple[str, int]] = set()
 
-    def catch_up(self) -> int:
+    def catch_up(self, until: int | None = None) -> int:
         self.catch_ups.append(time.monotonic())
-        return super().catch_up()
+        return super().catch_up(until)
 
     def _connect(self) -> Consumer:
         # The same subscription, with callbacks that tell the test its partitions
@@ -269,6 +269,13 @@ def drop_everything(name: str) -> None:
 
 @pytest.fixture
 def env(broker: EmbeddedBroker, topics: TopicCatalogue) -> Iterator[Env]:
+    with environment(broker, topics) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def environment(broker: EmbeddedBroker, topics: TopicCatalogue) -> Iterator[Env]:
+    """A store, read-model names and a writer of their own; everything dropped afterwards."""
     name = f"it_proj_{uuid4().hex[:10]}"
     settings = SETTINGS.with_changes(
         store_schema=f"{name}_store",
