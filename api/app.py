@@ -31,6 +31,7 @@ def create_app(
     jobs = r.Jobs(ctx)
     reports = r.TaskReports(ctx)
     app.add_route("/api/v1/health", r.Health(ctx))
+    app.add_route("/ready", r.Ready(ctx))
     app.add_route("/api/v1/spots", r.Spots(ctx))
     app.add_route("/api/v1/jobs", jobs)
     app.add_route("/api/v1/jobs/{job_id}", jobs, suffix="one")

@@ -7,13 +7,15 @@ briefly for them to reach what this process wrote (read-your-writes).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 from uuid import UUID
 
 import falcon
 import falcon.asgi
+import redis.asyncio as aioredis
 
 from api import validation as v
 from api.errors import answer
@@ -29,7 +31,7 @@ from domain.commands import (
 )
 from domain.ids import UnknownIdError, parse_job_id
 from domain.sweeps import Range, Sweep, SweepError
-from projections.views import PostgresViews, RedisViews, wait_until_applied
+from projections.views import CONNECTED, PostgresViews, RedisViews, wait_until_applied
 
 MAX_RESULT_JSON = 64 * 1024
 
@@ -38,6 +40,34 @@ class Writer(Protocol):
     async def submit(self, command: Command) -> Result: ...
 
     def known_versions(self, uuids: Any) -> dict[UUID, int]: ...
+
+    @property
+    def ready(self) -> bool:
+        """Recovered from the store, and its last store operation went through."""
+        ...
+
+
+class Stage(Protocol):
+    """One pipeline step as health shows it (``streaming.health.StageStatus``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def behind_seconds(self) -> float: ...
+
+    @property
+    def dead_letters(self) -> int: ...
+
+    def lagging(self, limit: float) -> bool: ...
+
+    def as_json(self) -> dict[str, Any]: ...
+
+
+class Pipeline(Protocol):
+    def stages(self, now: datetime) -> tuple[int, Sequence[Stage]]:
+        """The store's last position and each step's status (blocking: run in a thread)."""
+        ...
 
 
 class Audit(Protocol):
@@ -54,6 +84,14 @@ class ApiContext:
     max_sweep_tasks: int
     read_wait: float
     spot_ids: Callable[[], list[UUID]]
+    #: How far behind each pipeline step is; None: not shown (an API without one).
+    pipeline: Pipeline | None = None
+    #: Whether the broker answers (blocking); None: not shown.
+    broker_up: Callable[[], bool] | None = None
+    #: Seconds a step may be behind, with events waiting, before health is degraded.
+    degraded_lag: float = 10.0
+    #: Raises unless the event store answers.
+    store_ping: Callable[[], Awaitable[None]] | None = None
 
 
 def _job_uuid(job_id: str) -> UUID:
@@ -64,24 +102,84 @@ def _job_uuid(job_id: str) -> UUID:
 
 
 class Health:
+    """Seed 003's health, plus Redis, the broker and how far each pipeline step is behind.
+
+    ``unhealthy`` (503) when PostgreSQL does not answer; ``degraded`` while Redis
+    or the broker is away, a step is more than ``degraded_lag`` seconds behind
+    with events waiting, or a step holds dead letters; ``healthy`` otherwise.
+    """
+
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        ctx = self.ctx
+        redis = await ctx.redis.state()
         try:
-            await self.ctx.postgres.ping()
-            counts = await self.ctx.redis.counts()
+            await ctx.postgres.ping()
+            counts = await (ctx.redis if redis == CONNECTED else ctx.postgres).counts()
         except Exception as error:  # the health check reports, it does not fail
             resp.status = falcon.HTTP_503
-            resp.media = {"status": "unhealthy", "database": "disconnected", "error": str(error)}
+            resp.media = {
+                "status": "unhealthy",
+                "database": "disconnected",
+                "redis": redis,
+                "error": str(error),
+            }
             return
-        resp.media = {
+        body: dict[str, Any] = {
             "status": "healthy",
             "database": "connected",
             "activeSpots": counts.get("spots_up", 0),
             "pendingTasks": counts.get("NEW", 0),
             "runningTasks": counts.get("RUNNING", 0),
+            "redis": redis,
         }
+        problems = [] if redis == CONNECTED else [f"redis is {redis}"]
+        if ctx.broker_up is not None:
+            up = await asyncio.to_thread(ctx.broker_up)
+            body["broker"] = "connected" if up else "down"
+            if not up:
+                problems.append("the broker is down")
+        if ctx.pipeline is not None:
+            last, stages = await asyncio.to_thread(ctx.pipeline.stages, datetime.now(UTC))
+            body["storePosition"] = last
+            body["pipeline"] = {stage.name: stage.as_json() for stage in stages}
+            for stage in stages:
+                if stage.lagging(ctx.degraded_lag):
+                    problems.append(f"{stage.name} is {stage.behind_seconds:g}s behind")
+                if stage.dead_letters:
+                    problems.append(f"{stage.name} holds {stage.dead_letters} dead letters")
+        if problems:
+            body["status"] = "degraded"
+            body["problems"] = problems
+        resp.media = body
+
+    on_head = on_get
+
+
+class Ready:
+    """``GET /ready`` for probes: 200 once the store answers and the writer has recovered."""
+
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        problems: list[str] = []
+        if self.ctx.store_ping is not None:
+            try:
+                await self.ctx.store_ping()
+            except Exception as error:  # a probe reports, it does not fail
+                problems.append(f"the event store does not answer: {error}")
+        if not self.ctx.writer.ready:
+            problems.append("the writer has not recovered its state from the store yet")
+        if problems:
+            resp.status = falcon.HTTP_503
+            resp.media = {"ready": False, "problems": problems}
+        else:
+            resp.media = {"ready": True}
+
+    on_head = on_get
 
 
 class Jobs:
@@ -110,9 +208,18 @@ class Jobs:
     async def on_get_one(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, job_id: str
     ) -> None:
+        """From Redis; from the PostgreSQL read model while Redis is away or rebuilding."""
         uuid = _job_uuid(job_id)
-        await self._wait(self.ctx.redis, uuid)
-        job = await self.ctx.redis.job(job_id)
+        job = None
+        if await self.ctx.redis.state() == CONNECTED:
+            try:
+                await self._wait(self.ctx.redis, uuid)
+                job = await self.ctx.redis.job(job_id)
+            except aioredis.RedisError:  # went away just now: PostgreSQL has it too
+                job = None
+        if job is None:
+            await self._wait(self.ctx.postgres, uuid)
+            job = await self.ctx.postgres.job(job_id)
         if job is None:
             raise falcon.HTTPNotFound(description="job not found")
         resp.media = job
@@ -122,7 +229,7 @@ class Jobs:
     ) -> None:
         uuid = _job_uuid(job_id)
         await self._wait(self.ctx.postgres, uuid)
-        if await self.ctx.redis.job(job_id) is None:
+        if await self.ctx.postgres.job(job_id) is None:
             raise falcon.HTTPNotFound(description="job not found")
         results = await self.ctx.postgres.results(job_id)
         resp.media = {"jobId": job_id, "totalCompleted": len(results), "results": results}

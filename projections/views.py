@@ -17,7 +17,10 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from projections.redis.dashboards import RedisKeys
+from projections.redis.dashboards import REBUILDING, RedisKeys
+
+#: What the query API can tell of Redis.
+CONNECTED, REBUILDING_STATE, DISCONNECTED = "connected", "rebuilding", "disconnected"
 
 
 class VersionedView(Protocol):
@@ -53,6 +56,15 @@ class RedisViews:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    async def state(self) -> str:
+        """``connected``, ``rebuilding`` (it lost its keys; the projector is refilling
+        it) or ``disconnected``. Only a connected Redis is read from."""
+        try:
+            meta: dict[str, str] = await self.client.hgetall(self.keys.meta)  # type: ignore[assignment]
+        except aioredis.RedisError:
+            return DISCONNECTED
+        return REBUILDING_STATE if not meta or REBUILDING in meta else CONNECTED
 
     async def applied(self, uuids: list[UUID]) -> dict[UUID, int]:
         values = await self.client.hmget(self.keys.applied, [str(u) for u in uuids])
@@ -117,6 +129,39 @@ class PostgresViews:
                 (uuids,),
             )
             return {row["aggregate_id"]: row["version"] for row in await cur.fetchall()}
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        """The job as the Redis view shows it, from the PostgreSQL read model."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                self._q(
+                    "SELECT id, status, total_tasks, completed_tasks, failed_tasks, created_at "
+                    "FROM {schema}.jobs WHERE id = %s"
+                ),
+                (job_id,),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return {
+            "id": row["id"],
+            "status": row["status"],
+            "totalTasks": row["total_tasks"],
+            "completedTasks": row["completed_tasks"],
+            "failedTasks": row["failed_tasks"],
+            "createdAt": _iso(row["created_at"]),
+        }
+
+    async def counts(self) -> dict[str, int]:
+        """Task counts by state and the spots UP, as the Redis view counts them."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                self._q(
+                    "SELECT status, count(*) AS n FROM {schema}.tasks GROUP BY status "
+                    "UNION ALL SELECT 'spots_up', count(*) FROM {schema}.spots WHERE status = 'UP'"
+                )
+            )
+            return {row["status"]: int(row["n"]) for row in await cur.fetchall()}
 
     async def results(self, job_id: str) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn:

@@ -25,6 +25,7 @@ from service.recorder import AsyncAppender
 from service.settings import Settings, load_settings
 from service.wiring import configure_logging, open_store
 from service.writer import GroupCommitWriter
+from streaming.health import PipelineStatus, reachable
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,12 @@ class Lifespan:
             j.block_ids() if (j := processor.jobs.get(job)) is not None else []
         )
         self.ctx.spot_ids = lambda: list(processor.spots)
+        self.ctx.pipeline = PipelineStatus(store)
+
+        async def store_ping() -> None:
+            await asyncio.to_thread(store.max_position)
+
+        self.ctx.store_ping = store_ping
         await self.ctx.postgres.open()
         reapers = Reapers(s, writer)
         await reapers.start()
@@ -147,6 +154,12 @@ def build_app(
         max_sweep_tasks=settings.max_sweep_tasks,
         read_wait=settings.read_wait,
         spot_ids=lambda: [],
+        degraded_lag=settings.degraded_lag,
+        broker_up=(
+            (lambda: reachable(settings.kafka_bootstrap_servers))
+            if settings.kafka_bootstrap_servers
+            else None
+        ),
     )
     holder: dict[str, Any] = {}
     return create_app(ctx, settings.agent_key, middleware=[Lifespan(settings, ctx, holder)])

@@ -62,6 +62,11 @@ class GroupCommitWriter:
         self._wake.set()
         return await future
 
+    @property
+    def ready(self) -> bool:
+        """Recovered from the store; false from a refused batch until the next recovery."""
+        return not self.processor.needs_recovery
+
     def known_versions(self, uuids: Iterable[UUID]) -> dict[UUID, int]:
         return {u: self.versions[u] for u in uuids if u in self.versions}
 

@@ -190,10 +190,10 @@ class Projector:
         through Kafka, and reading it from the store too would only apply it
         twice (the second time a no-op) and hold up the consumer.
         """
-        if self.model.lost():
+        rebuilding = self.model.lost()
+        if rebuilding:
             log.warning("%s read model lost its data: rebuilding from the store", self.model.name)
             self.model.reset()
-            self.model.set_checkpoint(0)
             self.seen.clear()
         start = position = self.model.checkpoint()
         while True:
@@ -209,7 +209,7 @@ class Projector:
                 position, page = self.reader.after(missing - 1, skip=self.seen, until=until)
                 self._apply(page)
             self.seen = {p for p in self.seen if p > position}
-        if position != start:
+        if position != start or rebuilding:
             self.model.set_checkpoint(position)
         self.position = max(self.position, position)
         return position

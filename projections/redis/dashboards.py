@@ -44,6 +44,10 @@ return 1
 """
 
 
+#: Field of the ``meta`` hash while the model is rebuilt from the store.
+REBUILDING = "rebuilding"
+
+
 class RedisKeys:
     """Where each dashboard lives, under one prefix."""
 
@@ -181,16 +185,24 @@ class RedisReadModel:
         """Nothing to create: keys appear as events arrive."""
 
     def reset(self) -> None:
+        """Drop every dashboard and mark the model as rebuilding until its next checkpoint.
+
+        While it rebuilds, the query API reads from the PostgreSQL read model.
+        """
         names = list(self.client.scan_iter(match=f"{self.keys.prefix}:*", count=1000))
         for start in range(0, len(names), 500):
             self.client.delete(*names[start : start + 500])
+        self.client.hset(self.keys.meta, REBUILDING, 1)
 
     def checkpoint(self) -> int:
         value = self.client.hget(self.keys.meta, "checkpoint")
         return int(value) if value is not None else 0
 
     def set_checkpoint(self, position: int) -> None:
-        self.client.hset(self.keys.meta, "checkpoint", position)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.meta, "checkpoint", position)
+        pipe.hdel(self.keys.meta, REBUILDING)
+        pipe.execute()
 
     def lost(self) -> bool:
         """True when Redis lost its keys (a restart: this Redis keeps nothing on disk)."""

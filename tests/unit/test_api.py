@@ -78,6 +78,7 @@ class DirectWriter:
     def __init__(self, processor: CommandProcessor):
         self.processor = processor
         self.submitted: list[Command] = []
+        self.ready = True
 
     async def submit(self, command: Command) -> Result:
         self.submitted.append(command)
@@ -98,33 +99,44 @@ class FakeRedis:
         self.processor = processor
         self.asked: list[list[UUID]] = []
         self.count_values: dict[str, int] = {}
+        self.state_value = "connected"
+        self.jobs_read = 0
+
+    async def state(self) -> str:
+        return self.state_value
 
     async def applied(self, uuids: list[UUID]) -> dict[UUID, int]:
         self.asked.append(list(uuids))
         return self.processor.versions(uuids)
 
     async def job(self, public_id: str) -> dict[str, Any] | None:
-        job = self.processor.job(parse_job_id(public_id))
-        if job is None:
-            return None
-        statuses = []
-        for number in range(job.block_count):
-            block = self.processor.block(job, number)
-            assert block is not None
-            first, count = job.block_range(number)
-            statuses += [block.view(i).status for i in range(first, first + count)]
-        done, failed = statuses.count(DONE), statuses.count(FAILED)
-        return {
-            "id": public_id,
-            "status": "RUNNING" if done + failed < job.total_tasks else "DONE",
-            "totalTasks": job.total_tasks,
-            "completedTasks": done,
-            "failedTasks": failed,
-            "createdAt": "2026-01-28T16:00:00Z",
-        }
+        self.jobs_read += 1
+        return job_view(self.processor, public_id)
 
     async def counts(self) -> dict[str, int]:
         return dict(self.count_values)
+
+
+def job_view(processor: CommandProcessor, public_id: str) -> dict[str, Any] | None:
+    """A job as both read models show it, from the processor's state."""
+    job = processor.job(parse_job_id(public_id))
+    if job is None:
+        return None
+    statuses = []
+    for number in range(job.block_count):
+        block = processor.block(job, number)
+        assert block is not None
+        first, count = job.block_range(number)
+        statuses += [block.view(i).status for i in range(first, first + count)]
+    done, failed = statuses.count(DONE), statuses.count(FAILED)
+    return {
+        "id": public_id,
+        "status": "RUNNING" if done + failed < job.total_tasks else "DONE",
+        "totalTasks": job.total_tasks,
+        "completedTasks": done,
+        "failedTasks": failed,
+        "createdAt": "2026-01-28T16:00:00Z",
+    }
 
 
 class FakePostgres:
@@ -136,6 +148,15 @@ class FakePostgres:
         self.result_rows: dict[str, list[dict[str, Any]]] = {}
         self.spot_rows: list[dict[str, Any]] = []
         self.down = False
+        self.count_values: dict[str, int] = {}
+        self.jobs_read = 0
+
+    async def job(self, public_id: str) -> dict[str, Any] | None:
+        self.jobs_read += 1
+        return job_view(self.processor, public_id)
+
+    async def counts(self) -> dict[str, int]:
+        return dict(self.count_values)
 
     async def ping(self) -> bool:
         if self.down:
@@ -501,6 +522,7 @@ def test_health_reports_counts(api: Api) -> None:
         "activeSpots": 3,
         "pendingTasks": 42,
         "runningTasks": 12,
+        "redis": "connected",
     }
 
 
@@ -521,8 +543,146 @@ def test_health_when_the_database_is_down_is_503(api: Api) -> None:
     assert result.json == {
         "status": "unhealthy",
         "database": "disconnected",
+        "redis": "connected",
         "error": "connection refused",
     }
+
+
+@dataclass(frozen=True)
+class FakeStage:
+    name: str
+    behind_events: int = 0
+    behind_seconds: float = 0.0
+    dead_letters: int = 0
+
+    def lagging(self, limit: float) -> bool:
+        return self.behind_events > 0 and self.behind_seconds > limit
+
+    def as_json(self) -> dict[str, Any]:
+        return {"behindEvents": self.behind_events, "deadLetters": self.dead_letters}
+
+
+class FakePipeline:
+    def __init__(self) -> None:
+        self.stages_now = [FakeStage("relay"), FakeStage("projector.postgres")]
+
+    def stages(self, now: datetime) -> tuple[int, list[FakeStage]]:
+        return 42, list(self.stages_now)
+
+
+def test_health_shows_each_step_and_is_healthy_while_all_keep_up(api: Api) -> None:
+    api.ctx.pipeline = FakePipeline()
+    api.ctx.broker_up = lambda: True
+
+    result = api.get("/api/v1/health")
+
+    assert result.status_code == 200
+    assert result.json["status"] == "healthy" and "problems" not in result.json
+    assert result.json["broker"] == "connected"
+    assert result.json["storePosition"] == 42
+    assert set(result.json["pipeline"]) == {"relay", "projector.postgres"}
+
+
+@pytest.mark.parametrize(
+    ("stage", "problem"),
+    [
+        (FakeStage("relay", behind_events=5, behind_seconds=11.0), "relay is 11s behind"),
+        (FakeStage("relay", dead_letters=2), "relay holds 2 dead letters"),
+    ],
+)
+def test_health_is_degraded_while_a_step_lags_or_holds_dead_letters(
+    api: Api, stage: FakeStage, problem: str
+) -> None:
+    pipeline = FakePipeline()
+    pipeline.stages_now = [stage]
+    api.ctx.pipeline = pipeline
+
+    result = api.get("/api/v1/health")
+
+    assert result.status_code == 200
+    assert result.json["status"] == "degraded"
+    assert result.json["problems"] == [problem]
+
+
+def test_health_is_not_degraded_by_a_lag_under_the_limit_or_with_nothing_waiting(api: Api) -> None:
+    pipeline = FakePipeline()
+    pipeline.stages_now = [
+        FakeStage("relay", behind_events=3, behind_seconds=9.5),
+        FakeStage("projector.redis", behind_events=0, behind_seconds=60.0),
+    ]
+    api.ctx.pipeline = pipeline
+
+    assert api.get("/api/v1/health").json["status"] == "healthy"
+
+
+def test_health_is_degraded_while_the_broker_is_down(api: Api) -> None:
+    api.ctx.broker_up = lambda: False
+
+    result = api.get("/api/v1/health")
+
+    assert (result.json["status"], result.json["broker"]) == ("degraded", "down")
+
+
+def test_health_counts_from_postgres_while_redis_rebuilds(api: Api) -> None:
+    api.redis.state_value = "rebuilding"
+    api.redis.count_values = {"spots_up": 99}  # replayed, wrong counts: not shown
+    api.postgres.count_values = {"spots_up": 2, "NEW": 5, "RUNNING": 1}
+
+    result = api.get("/api/v1/health")
+
+    assert result.status_code == 200
+    assert result.json["database"] == "connected"
+    assert result.json["redis"] == "rebuilding"
+    assert (result.json["activeSpots"], result.json["pendingTasks"]) == (2, 5)
+    assert result.json["status"] == "degraded"
+
+
+@pytest.mark.parametrize("state", ["rebuilding", "disconnected"])
+def test_a_job_is_read_from_postgres_while_redis_is_away(api: Api, state: str) -> None:
+    job = api.job()
+    api.redis.state_value = state
+
+    result = api.get(f"/api/v1/jobs/{job}")
+
+    assert result.status_code == 200
+    assert result.json["id"] == job
+    assert (api.redis.jobs_read, api.postgres.jobs_read) == (0, 1)
+
+
+def test_a_job_is_read_from_redis_when_it_is_connected(api: Api) -> None:
+    job = api.job()
+
+    assert api.get(f"/api/v1/jobs/{job}").status_code == 200
+    assert (api.redis.jobs_read, api.postgres.jobs_read) == (1, 0)
+
+
+def test_ready_once_the_store_answers_and_the_writer_recovered(api: Api) -> None:
+    calls: list[int] = []
+
+    async def ping() -> None:
+        calls.append(1)
+
+    api.ctx.store_ping = ping
+    api.writer.ready = True
+
+    result = api.get("/ready")
+
+    assert (result.status_code, result.json, calls) == (200, {"ready": True}, [1])
+
+
+def test_not_ready_while_the_store_is_away_or_the_writer_has_not_recovered(api: Api) -> None:
+    async def ping() -> None:
+        raise ConnectionError("connection refused")
+
+    api.ctx.store_ping = ping
+    api.writer.ready = False
+
+    result = api.get("/ready")
+
+    assert result.status_code == 503
+    assert result.json["ready"] is False
+    assert len(result.json["problems"]) == 2
+    assert "connection refused" in result.json["problems"][0]
 
 
 def test_spots_lists_the_read_model_after_waiting_for_own_writes(api: Api) -> None:
