@@ -12,8 +12,13 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+import psycopg
+from eventsourcing.persistence import PersistenceError
+
+from domain.store import TadpoleStore
 from service.settings import Settings
 from service.wiring import configure_logging, open_store
+from streaming.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,21 @@ def require_broker(settings: Settings) -> str:
     return settings.kafka_bootstrap_servers
 
 
+def wait_for_store(settings: Settings, who: str) -> TadpoleStore:
+    """The event store, once PostgreSQL answers: a process started during an outage
+    waits for it (growing pauses) instead of exiting and being restarted in a loop."""
+    backoff = Backoff(first=0.5, most=10.0)
+    while True:
+        try:
+            return open_store(settings)
+        except (psycopg.OperationalError, PersistenceError) as error:
+            pause = backoff.next()
+            log.warning(
+                "%s: the event store is unavailable (%s); retrying in %.1fs", who, error, pause
+            )
+            time.sleep(pause)
+
+
 def run_relay(settings: Settings) -> int:
     from projections.redis.dashboards import LagSamples
     from streaming.relay import Relay, RelayPosition
@@ -49,7 +69,7 @@ def run_relay(settings: Settings) -> int:
 
     configure_logging(settings)
     bootstrap = require_broker(settings)
-    store = open_store(settings)
+    store = wait_for_store(settings, "relay")
     relay = Relay(
         store,
         RelayPosition(settings.database_url, settings.store_schema),
@@ -75,7 +95,7 @@ def run_projector(settings: Settings, which: str) -> int:
 
     configure_logging(settings)
     bootstrap = require_broker(settings)
-    store = open_store(settings)
+    store = wait_for_store(settings, f"projector {which}")
     model: ReadModel
     if which == "postgres":
         model = PostgresReadModel(settings.database_url, settings.read_schema)
