@@ -172,3 +172,27 @@ def test_tadpole_dead_letters_retry_reports_what_the_running_steps_did(env: Env)
         assert retry_letters(env.settings, None, None, wait=30) == 1
     (letter,) = DeadLetters(env.store).unresolved()
     assert letter.attempts == 2
+
+
+def terminate(env: Env, pid: int) -> None:
+    """Terminate one server connection, as a PostgreSQL restart would."""
+    with psycopg.connect(env.settings.database_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_a_lost_connection_is_waited_out_not_dead_lettered(env: Env) -> None:
+    model = env.postgres()
+    model.create()
+    relay = env.relay()
+    projector = env.projector(model)
+    with running(relay, projector):
+        a = spot(env, "10.0.0.1")
+        wait_for(lambda: a in spots_table(env), 30, "the first spot")
+        # the read model's and the relay's connections cut, as by a database restart
+        terminate(env, model.conn.info.backend_pid)
+        terminate(env, relay.position.conn.info.backend_pid)
+        b = spot(env, "10.0.0.2")
+        wait_for(lambda: b in spots_table(env), 30, "the next spot, after reconnecting")
+        last = env.messages()[-1].position
+        wait_for(lambda: relay.position.get() == last, 30, "the relay to record its position")
+    assert DeadLetters(env.store).counts() == {}
