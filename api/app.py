@@ -10,7 +10,7 @@ import falcon.media
 import orjson
 
 from api import resources as r
-from api.errors import serialize_error, store_unavailable
+from api.errors import READ_MODEL_DOWN, read_model_unavailable, serialize_error, store_unavailable
 from api.middleware import AgentKey
 from service.writer import StoreUnavailableError
 
@@ -26,6 +26,8 @@ def create_app(
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = json
     app.set_error_serializer(serialize_error)
     app.add_error_handler(StoreUnavailableError, store_unavailable)
+    for error in READ_MODEL_DOWN:
+        app.add_error_handler(error, read_model_unavailable)
     app.req_options.strip_url_path_trailing_slash = True
 
     jobs = r.Jobs(ctx)

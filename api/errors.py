@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import falcon
 import falcon.asgi
+import psycopg
+import psycopg_pool
+import redis
 
 from domain.commands import (
     Claimed,
@@ -82,4 +85,29 @@ async def store_unavailable(
     )
 
 
-__all__ = ["StoreUnavailableError", "answer", "serialize_error", "store_unavailable"]
+async def read_model_unavailable(
+    req: falcon.asgi.Request, resp: falcon.asgi.Response, error: Exception, params: object
+) -> None:
+    raise falcon.HTTPServiceUnavailable(
+        description=f"the read model is unavailable ({type(error).__name__}); retry shortly",
+        retry_after=1,
+    )
+
+
+#: Errors of the read models' clients that mean "unreachable right now" (503).
+READ_MODEL_DOWN: tuple[type[Exception], ...] = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
+
+
+__all__ = [
+    "READ_MODEL_DOWN",
+    "StoreUnavailableError",
+    "answer",
+    "read_model_unavailable",
+    "serialize_error",
+    "store_unavailable",
+]

@@ -101,6 +101,10 @@ def _job_uuid(job_id: str) -> UUID:
         raise falcon.HTTPNotFound(description="job not found") from None
 
 
+#: Longest a health check waits for the pipeline's figures (s).
+HEALTH_WAIT = 2.0
+
+
 class Health:
     """Seed 003's health, plus Redis, the broker and how far each pipeline step is behind.
 
@@ -142,7 +146,13 @@ class Health:
             if not up:
                 problems.append("the broker is down")
         if ctx.pipeline is not None:
-            last, stages = await asyncio.to_thread(ctx.pipeline.stages, datetime.now(UTC))
+            try:
+                last, stages = await asyncio.wait_for(
+                    asyncio.to_thread(ctx.pipeline.stages, datetime.now(UTC)), HEALTH_WAIT
+                )
+            except Exception as error:  # reported, as everything else here
+                last, stages = -1, []
+                problems.append(f"the pipeline's figures are unavailable: {error!r}")
             body["storePosition"] = last
             body["pipeline"] = {stage.name: stage.as_json() for stage in stages}
             for stage in stages:

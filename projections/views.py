@@ -19,6 +19,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from projections.redis.dashboards import REBUILDING, RedisKeys
 
+#: Seconds a query waits for a read-model connection before it gives up (503).
+UNAVAILABLE_AFTER = 2.0
+
 #: What the query API can tell of Redis.
 CONNECTED, REBUILDING_STATE, DISCONNECTED = "connected", "rebuilding", "disconnected"
 
@@ -101,7 +104,14 @@ class PostgresViews:
             min_size=1,
             max_size=4,
             open=False,
-            kwargs={"autocommit": True, "row_factory": dict_row, "options": "-c TimeZone=UTC"},
+            # A query never waits long for a database that is away: it answers 503.
+            timeout=UNAVAILABLE_AFTER,
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                "options": "-c TimeZone=UTC",
+                "connect_timeout": 2,
+            },
         )
         self.schema = sql.Identifier(schema)
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
+import psycopg_pool
 import pytest
 from falcon import testing
 
@@ -171,6 +172,8 @@ class FakePostgres:
         return list(self.result_rows.get(public_id, []))
 
     async def spots(self) -> list[dict[str, Any]]:
+        if self.down:
+            raise psycopg_pool.PoolTimeout("couldn't get a connection after 2.00 sec")
         return list(self.spot_rows)
 
 
@@ -683,6 +686,17 @@ def test_not_ready_while_the_store_is_away_or_the_writer_has_not_recovered(api: 
     assert result.json["ready"] is False
     assert len(result.json["problems"]) == 2
     assert "connection refused" in result.json["problems"][0]
+
+
+def test_a_query_while_the_read_model_is_unreachable_answers_503(api: Api) -> None:
+    api.postgres.down = True
+
+    result = api.get("/api/v1/spots")
+
+    assert result.status_code == 503
+    assert result.json["success"] is False
+    assert "read model is unavailable" in result.json["error"]
+    assert result.headers["Retry-After"] == "1"
 
 
 def test_spots_lists_the_read_model_after_waiting_for_own_writes(api: Api) -> None:
