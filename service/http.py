@@ -34,6 +34,7 @@ class TadpoleProtocol(HttpToolsProtocol):
         self.body_timeout = body_timeout
         self.deadline: asyncio.TimerHandle | None = None
         self.receiving: RequestResponseCycle | None = None
+        self.previous: RequestResponseCycle | None = None
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn calls this from its `except HttpParserError` clause: the error being
@@ -58,7 +59,7 @@ class TadpoleProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.receiving = None
+        self.previous, self.receiving = self.cycle, None
         self._disarm()
         self.deadline = self.loop.call_later(self.body_timeout, self._timed_out)
 
@@ -83,17 +84,22 @@ class TadpoleProtocol(HttpToolsProtocol):
         self.deadline = None
         if self.transport.is_closing():
             return
-        cycle = self.receiving
         log.info("dropping %s: request not received within %ss", self.client, self.body_timeout)
-        if cycle is not None and cycle.response_started:
-            self.transport.close()  # answered already (a 401, a 413): only drop it
-            return
+        cycle = self.receiving
         if cycle is not None:
             # The responder waiting on the body is told the client left; what it
             # answers then is dropped.
             cycle.disconnected = True
             cycle.message_event.set()
-        self.refuse(408, f"the request was not received within {self.body_timeout:g} s")
+        if self._mid_answer(cycle):
+            self.transport.close()  # answered already (a 401, a 413): only drop it
+        else:
+            self.refuse(408, f"the request was not received within {self.body_timeout:g} s")
+
+    def _mid_answer(self, cycle: RequestResponseCycle | None) -> bool:
+        """Whether an answer is on the wire (this request's, or a pipelined earlier one's)."""
+        earlier = self.previous is not None and not self.previous.response_complete
+        return earlier or (cycle is not None and cycle.response_started)
 
 
 class TadpoleWorker(UvicornWorker):

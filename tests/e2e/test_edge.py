@@ -262,3 +262,21 @@ def test_a_whole_request_after_a_dropped_one_is_served(server: Server) -> None:
         _read_until_closed(conn)
 
     assert server.send(request("GET", "/api/v1/health")).status == 200
+
+
+def test_a_stalled_request_behind_an_answered_one_gets_its_own_408(server: Server) -> None:
+    """Pipelined: the first request is answered whole, then the stalled second one is a 408."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE) as conn:
+        conn.sendall(
+            b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"
+        )
+
+        received = _read_until_closed(conn)
+
+    assert received.closed
+    assert received.status == 200
+    first, _, second = received.body.partition(b"HTTP/1.1 ")
+    assert json.loads(first)["status"] == "healthy"
+    assert second.startswith(b"408 ")
+    assert second.endswith(b'"error":"the request was not received within 1 s"}')
