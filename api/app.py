@@ -7,18 +7,23 @@ from typing import Any
 import falcon
 import falcon.asgi
 import falcon.media
+import falcon.routing
 import orjson
 
 from api import resources as r
+from api import validation as v
 from api.errors import READ_MODEL_DOWN, read_model_unavailable, serialize_error, store_unavailable
-from api.middleware import AgentKey
+from api.middleware import AgentKey, KnownMethods
 from service.writer import StoreUnavailableError
 
+App = falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]
 
-def create_app(
-    ctx: r.ApiContext, agent_key: str = "", middleware: list[Any] | None = None
-) -> falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]:
-    app = falcon.asgi.App(middleware=[*(middleware or []), AgentKey(agent_key)])
+
+def create_app(ctx: r.ApiContext, agent_key: str = "", middleware: list[Any] | None = None) -> App:
+    allowed: dict[str, list[str]] = {}
+    app = falcon.asgi.App(
+        middleware=[*(middleware or []), KnownMethods(allowed), AgentKey(agent_key), v.PathParams()]
+    )
     # orjson both ways: the standard library's encoder was a twentieth of the API's
     # CPU under load, on answers it turns out compact anyway.
     json = falcon.media.JSONHandler(dumps=orjson.dumps, loads=orjson.loads)
@@ -30,18 +35,31 @@ def create_app(
         app.add_error_handler(error, read_model_unavailable)
     app.req_options.strip_url_path_trailing_slash = True
 
+    def route(template: str, resource: object, suffix: str | None = None) -> None:
+        _head_as_get(resource, suffix)
+        app.add_route(template, resource, suffix=suffix)
+        allowed[template] = [*sorted(falcon.routing.map_http_methods(resource, suffix)), "OPTIONS"]
+
     jobs = r.Jobs(ctx)
     reports = r.TaskReports(ctx)
-    app.add_route("/api/v1/health", r.Health(ctx))
-    app.add_route("/ready", r.Ready(ctx))
-    app.add_route("/api/v1/spots", r.Spots(ctx))
-    app.add_route("/api/v1/jobs", jobs)
-    app.add_route("/api/v1/jobs/{job_id}", jobs, suffix="one")
-    app.add_route("/api/v1/jobs/{job_id}/results", jobs, suffix="results")
-    app.add_route("/api/v1/audit/{aggregate}/{entity_id}/events", r.AuditEvents(ctx))
-    app.add_route("/internal/v1/hello", r.Hellos(ctx))
-    app.add_route("/internal/v1/heartbeat", r.Heartbeats(ctx))
-    app.add_route("/internal/v1/tasks/claim", r.Claims(ctx))
-    app.add_route("/internal/v1/tasks/{task_id}/complete", reports, suffix="complete")
-    app.add_route("/internal/v1/tasks/{task_id}/fail", reports, suffix="fail")
+    route("/api/v1/health", r.Health(ctx))
+    route("/ready", r.Ready(ctx))
+    route("/api/v1/spots", r.Spots(ctx))
+    route("/api/v1/jobs", jobs)
+    route("/api/v1/jobs/{job_id}", jobs, suffix="one")
+    route("/api/v1/jobs/{job_id}/results", jobs, suffix="results")
+    route("/api/v1/audit/{aggregate}/{entity_id}/events", r.AuditEvents(ctx))
+    route("/internal/v1/hello", r.Hellos(ctx))
+    route("/internal/v1/heartbeat", r.Heartbeats(ctx))
+    route("/internal/v1/tasks/claim", r.Claims(ctx))
+    route("/internal/v1/tasks/{task_id}/complete", reports, suffix="complete")
+    route("/internal/v1/tasks/{task_id}/fail", reports, suffix="fail")
     return app
+
+
+def _head_as_get(resource: object, suffix: str | None) -> None:
+    """Serve HEAD wherever GET is served: falcon maps no HEAD by itself, and drops the body."""
+    name = f"_{suffix}" if suffix else ""
+    get = getattr(resource, f"on_get{name}", None)
+    if get is not None and not hasattr(resource, f"on_head{name}"):
+        setattr(resource, f"on_head{name}", get)

@@ -165,8 +165,6 @@ class Health:
             body["problems"] = problems
         resp.media = body
 
-    on_head = on_get
-
 
 class Ready:
     """``GET /ready`` for probes: 200 once the store answers and the writer has recovered."""
@@ -189,8 +187,6 @@ class Ready:
         else:
             resp.media = {"ready": True}
 
-    on_head = on_get
-
 
 class Jobs:
     def __init__(self, ctx: ApiContext):
@@ -210,9 +206,7 @@ class Jobs:
             sweep.check(self.ctx.max_sweep_tasks)
         except SweepError as error:
             raise falcon.HTTPBadRequest(description=str(error)) from None
-        key = req.get_header("Idempotency-Key")
-        if key is not None and not (0 < len(key) <= 255):
-            raise falcon.HTTPBadRequest(description="Idempotency-Key must be 1 to 255 characters")
+        key = v.header(req, "Idempotency-Key", max_len=255)
         answer(resp, await self.ctx.writer.submit(CreateJob(sweep, key)))
 
     async def on_get_one(
@@ -223,12 +217,12 @@ class Jobs:
         job = None
         if await self.ctx.redis.state() == CONNECTED:
             try:
-                await self._wait(self.ctx.redis, uuid)
+                await self._wait(self.ctx.redis, uuid, resp)
                 job = await self.ctx.redis.job(job_id)
             except aioredis.RedisError:  # went away just now: PostgreSQL has it too
                 job = None
         if job is None:
-            await self._wait(self.ctx.postgres, uuid)
+            await self._wait(self.ctx.postgres, uuid, resp)
             job = await self.ctx.postgres.job(job_id)
         if job is None:
             raise falcon.HTTPNotFound(description="job not found")
@@ -238,15 +232,26 @@ class Jobs:
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, job_id: str
     ) -> None:
         uuid = _job_uuid(job_id)
-        await self._wait(self.ctx.postgres, uuid)
+        await self._wait(self.ctx.postgres, uuid, resp)
         if await self.ctx.postgres.job(job_id) is None:
             raise falcon.HTTPNotFound(description="job not found")
         results = await self.ctx.postgres.results(job_id)
         resp.media = {"jobId": job_id, "totalCompleted": len(results), "results": results}
 
-    async def _wait(self, view: Any, job: UUID) -> None:
+    async def _wait(self, view: Any, job: UUID, resp: falcon.asgi.Response) -> None:
         wanted = self.ctx.writer.known_versions([job, *self.ctx.block_ids(job)])
-        await wait_until_applied(view, wanted, self.ctx.read_wait)
+        _say_if_stale(resp, await wait_until_applied(view, wanted, self.ctx.read_wait))
+
+
+def _say_if_stale(resp: falcon.asgi.Response, behind: int) -> None:
+    """A query that gave up waiting answers what it has, and says how far behind it is.
+
+    ``behind`` is the number of versions the read model still lacks on the
+    aggregates the query needed (0: caught up, and no header at all).
+    """
+    if behind:
+        resp.set_header("X-Tadpole-Stale", "true")
+        resp.set_header("X-Tadpole-Stale-Events", str(behind))
 
 
 def _range(body: dict[str, Any], name: str) -> Range:
@@ -264,7 +269,7 @@ class Spots:
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         wanted = self.ctx.writer.known_versions(self.ctx.spot_ids())
-        await wait_until_applied(self.ctx.postgres, wanted, self.ctx.read_wait)
+        _say_if_stale(resp, await wait_until_applied(self.ctx.postgres, wanted, self.ctx.read_wait))
         resp.media = {"spots": await self.ctx.postgres.spots()}
 
 

@@ -32,20 +32,26 @@ class VersionedView(Protocol):
 
 async def wait_until_applied(
     view: VersionedView, wanted: Mapping[UUID, int], timeout: float
-) -> bool:
-    """Wait (up to ``timeout`` s) until ``view`` has applied ``wanted`` versions."""
+) -> int:
+    """Wait (up to ``timeout`` s) until ``view`` has applied ``wanted`` versions.
+
+    Returns how many versions it is still behind, summed over ``wanted``: 0 when
+    it caught up, so a caller that gave up can say how stale its answer is.
+    """
     if not wanted:
-        return True
+        return 0
     deadline = time.monotonic() + timeout
     pause = 0.002
     while True:
-        have = await view.applied(list(wanted))
-        if all(have.get(u, 0) >= v for u, v in wanted.items()):
-            return True
-        if time.monotonic() >= deadline:
-            return False
+        behind = _behind(await view.applied(list(wanted)), wanted)
+        if not behind or time.monotonic() >= deadline:
+            return behind
         await asyncio.sleep(pause)
         pause = min(pause * 2, 0.05)
+
+
+def _behind(have: Mapping[UUID, int], wanted: Mapping[UUID, int]) -> int:
+    return sum(max(0, v - have.get(u, 0)) for u, v in wanted.items())
 
 
 class RedisViews:

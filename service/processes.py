@@ -124,7 +124,7 @@ def gunicorn_argv(settings: Settings) -> list[str]:
         "-m",
         "gunicorn",
         "--worker-class",
-        "uvicorn.workers.UvicornWorker",
+        "service.http.TadpoleWorker",
         # One worker: it is the single writer of every job, block and spot.
         "--workers",
         "1",

@@ -57,6 +57,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "10",
         "seconds a pipeline step may be behind, with events waiting, before health is degraded",
     ),
+    "TADPOLE_BODY_TIMEOUT": (
+        "10",
+        "seconds a client may take to send a whole request; then 408 and the connection is closed",
+    ),
     "TADPOLE_LOG_LEVEL": ("INFO", "logging level"),
 }
 
@@ -84,6 +88,7 @@ class Settings:
     heartbeat_store_interval: float = 5.0
     read_wait: float = 1.0
     degraded_lag: float = 10.0
+    body_timeout: float = 10.0
     log_level: str = "INFO"
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -112,6 +117,7 @@ class Settings:
             "TADPOLE_HEARTBEAT_STORE_INTERVAL": str(self.heartbeat_store_interval),
             "TADPOLE_READ_WAIT": str(self.read_wait),
             "TADPOLE_DEGRADED_LAG": str(self.degraded_lag),
+            "TADPOLE_BODY_TIMEOUT": str(self.body_timeout),
             "TADPOLE_LOG_LEVEL": self.log_level,
         }
 
@@ -162,5 +168,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         heartbeat_store_interval=_number(env, "TADPOLE_HEARTBEAT_STORE_INTERVAL", float),
         read_wait=_number(env, "TADPOLE_READ_WAIT", float),
         degraded_lag=_number(env, "TADPOLE_DEGRADED_LAG", float),
+        body_timeout=_number(env, "TADPOLE_BODY_TIMEOUT", float),
         log_level=text("TADPOLE_LOG_LEVEL").upper(),
     )

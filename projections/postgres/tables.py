@@ -24,9 +24,9 @@ CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {schema}.jobs (
     id text PRIMARY KEY,
     status text NOT NULL,
-    total_tasks integer NOT NULL,
-    completed_tasks integer NOT NULL DEFAULT 0,
-    failed_tasks integer NOT NULL DEFAULT 0,
+    total_tasks bigint NOT NULL,
+    completed_tasks bigint NOT NULL DEFAULT 0,
+    failed_tasks bigint NOT NULL DEFAULT 0,
     jar_path text NOT NULL,
     main_class text NOT NULL,
     created_at timestamptz NOT NULL,
@@ -35,12 +35,12 @@ CREATE TABLE IF NOT EXISTS {schema}.jobs (
 CREATE TABLE IF NOT EXISTS {schema}.tasks (
     id text PRIMARY KEY,
     job_id text NOT NULL,
-    idx integer NOT NULL,
+    idx bigint NOT NULL,
     status text NOT NULL,
     algorithm text NOT NULL,
-    iterations integer NOT NULL,
-    agents integer NOT NULL,
-    dimension integer NOT NULL,
+    iterations bigint NOT NULL,
+    agents bigint NOT NULL,
+    dimension bigint NOT NULL,
     assigned_to text,
     attempts integer NOT NULL DEFAULT 0,
     fence_token bigint NOT NULL DEFAULT 0,
@@ -58,8 +58,8 @@ CREATE TABLE IF NOT EXISTS {schema}.spots (
     ip_address text NOT NULL,
     status text NOT NULL,
     cpu_load double precision NOT NULL DEFAULT 0,
-    running_tasks integer NOT NULL DEFAULT 0,
-    total_cores integer NOT NULL DEFAULT 0,
+    running_tasks bigint NOT NULL DEFAULT 0,
+    total_cores bigint NOT NULL DEFAULT 0,
     registered_at timestamptz NOT NULL,
     last_heartbeat timestamptz NOT NULL
 );
@@ -71,6 +71,21 @@ CREATE TABLE IF NOT EXISTS {schema}.checkpoint (
     name text PRIMARY KEY,
     position bigint NOT NULL
 );
+-- A read schema made when these columns were integer is widened once, in place:
+-- every value the API accepts fits a bigint.
+DO $$
+BEGIN
+    IF (SELECT atttypid FROM pg_attribute WHERE attrelid = '{schema}.spots'::regclass
+        AND attname = 'running_tasks') = 'int4'::regtype THEN
+        ALTER TABLE {schema}.jobs ALTER total_tasks TYPE bigint,
+            ALTER completed_tasks TYPE bigint, ALTER failed_tasks TYPE bigint;
+        ALTER TABLE {schema}.tasks ALTER idx TYPE bigint, ALTER iterations TYPE bigint,
+            ALTER agents TYPE bigint, ALTER dimension TYPE bigint;
+        ALTER TABLE {schema}.spots ALTER running_tasks TYPE bigint,
+            ALTER total_cores TYPE bigint;
+    END IF;
+END
+$$;
 """
 
 TABLES = ("jobs", "tasks", "spots", "applied", "checkpoint")
@@ -227,8 +242,8 @@ class PostgresReadModel:
                 self.q(
                     "INSERT INTO {schema}.tasks (id, job_id, idx, status, algorithm, iterations, "
                     "agents, dimension) SELECT t.id, t.job, t.idx, 'NEW', t.alg, t.it, t.ag, t.dim "
-                    "FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::int[], "
-                    "%s::int[], %s::int[]) AS t(id, job, idx, alg, it, ag, dim) "
+                    "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::bigint[], "
+                    "%s::bigint[], %s::bigint[]) AS t(id, job, idx, alg, it, ag, dim) "
                     "ON CONFLICT DO NOTHING"
                 ),
                 rows,
@@ -248,8 +263,8 @@ class PostgresReadModel:
             cur.execute(
                 self.q(
                     "UPDATE {schema}.jobs j SET completed_tasks = completed_tasks + u.done, "
-                    "failed_tasks = failed_tasks + u.failed FROM unnest(%s::text[], %s::int[], "
-                    "%s::int[]) AS u(id, done, failed) WHERE j.id = u.id"
+                    "failed_tasks = failed_tasks + u.failed FROM unnest(%s::text[], %s::bigint[], "
+                    "%s::bigint[]) AS u(id, done, failed) WHERE j.id = u.id"
                 ),
                 (jobs, [c.job_counts[j][0] for j in jobs], [c.job_counts[j][1] for j in jobs]),
             )
@@ -310,8 +325,8 @@ _TYPES = {
     "error": "text",
     "ip_address": "text",
     "cpu_load": "float8",
-    "running_tasks": "int",
-    "total_cores": "int",
+    "running_tasks": "bigint",
+    "total_cores": "bigint",
     "last_heartbeat": "timestamptz",
 }
 
