@@ -7,11 +7,13 @@ right after a client's own command can wait for that command's effect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 from uuid import UUID
 
+import psycopg
 import redis.asyncio as aioredis
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -148,7 +150,8 @@ class PostgresViews:
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         """The job as the Redis view shows it, from the PostgreSQL read model."""
-        async with self.pool.connection() as conn:
+        row = None
+        async with self.pool.connection() as conn, _until_created():
             cur = await conn.execute(
                 self._q(
                     "SELECT id, status, total_tasks, completed_tasks, failed_tasks, created_at "
@@ -170,7 +173,7 @@ class PostgresViews:
 
     async def counts(self) -> dict[str, int]:
         """Task counts by state and the spots UP, as the Redis view counts them."""
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, _until_created():
             cur = await conn.execute(
                 self._q(
                     "SELECT status, count(*) AS n FROM {schema}.tasks GROUP BY status "
@@ -178,6 +181,7 @@ class PostgresViews:
                 )
             )
             return {row["status"]: int(row["n"]) for row in await cur.fetchall()}
+        return {}
 
     async def results(self, job_id: str) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn:
@@ -217,6 +221,13 @@ class PostgresViews:
                 }
                 for r in await cur.fetchall()
             ]
+
+
+@contextlib.asynccontextmanager
+async def _until_created() -> AsyncIterator[None]:
+    """A read model its projector has not created yet reads as empty (it has no rows)."""
+    with contextlib.suppress(psycopg.errors.UndefinedTable):
+        yield
 
 
 def _iso(value: Any) -> str | None:
