@@ -54,6 +54,7 @@ class ApiContext:
     max_sweep_tasks: int
     read_wait: float
     spot_ids: Callable[[], list[UUID]]
+    max_sweep_bytes: int = 262_144
 
 
 def _job_uuid(job_id: str) -> UUID:
@@ -99,7 +100,7 @@ class Jobs:
             dimension=_range(body, "dimension"),
         )
         try:
-            sweep.check(self.ctx.max_sweep_tasks)
+            sweep.check(self.ctx.max_sweep_tasks, self.ctx.max_sweep_bytes)
         except SweepError as error:
             raise falcon.HTTPBadRequest(description=str(error)) from None
         key = req.get_header("Idempotency-Key")
