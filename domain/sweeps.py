@@ -13,7 +13,7 @@ parsing every reader of it does).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property, lru_cache
 from typing import Any
 
@@ -148,8 +148,13 @@ class Sweep:
 
     @cached_property
     def _json(self) -> str:
-        data = asdict(self)
+        # What ``asdict`` gives, without its deep copy of every algorithm name
+        # (a tenth of a second for a sweep of 100,000 names).
+        data: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         data["algorithms"] = list(self.algorithms)
+        for name in ("iterations", "agents", "dimension"):
+            r = data[name]
+            data[name] = {"min": r.min, "max": r.max, "step": r.step}
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @classmethod

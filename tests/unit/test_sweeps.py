@@ -285,6 +285,15 @@ def test_sweep_json_is_canonical_sorted_and_compact() -> None:
     assert " " not in text
 
 
+def test_sweep_json_is_the_text_jobs_were_always_stored_with() -> None:
+    """Idempotent retries compare it with the text in jobs stored by older versions."""
+    assert with_(seed_sweep(), algorithms=("PSO", "é")).to_json() == (
+        '{"agents":{"max":50,"min":10,"step":10},"algorithms":["PSO","\\u00e9"],'
+        '"dimension":{"max":10,"min":2,"step":2},"iterations":{"max":500,"min":100,"step":100},'
+        '"jar_path":"/path/to/optimizer.jar","main_class":"com.example.OptRunner"}'
+    )
+
+
 def test_different_sweeps_have_different_json() -> None:
     assert seed_sweep().to_json() != with_(seed_sweep(), main_class="Other").to_json()
     reordered = with_(seed_sweep(), algorithms=("GA", "PSO", "DE"))
