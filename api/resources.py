@@ -84,6 +84,7 @@ class ApiContext:
     max_sweep_tasks: int
     read_wait: float
     spot_ids: Callable[[], list[UUID]]
+    max_sweep_bytes: int = 262_144
     #: How far behind each pipeline step is; None: not shown (an API without one).
     pipeline: Pipeline | None = None
     #: Whether the broker answers (blocking); None: not shown.
@@ -207,7 +208,7 @@ class Jobs:
             dimension=_range(body, "dimension"),
         )
         try:
-            sweep.check(self.ctx.max_sweep_tasks)
+            sweep.check(self.ctx.max_sweep_tasks, self.ctx.max_sweep_bytes)
         except SweepError as error:
             raise falcon.HTTPBadRequest(description=str(error)) from None
         key = v.header(req, "Idempotency-Key", max_len=255)

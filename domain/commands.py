@@ -38,7 +38,7 @@ from domain.ids import (
 )
 from domain.jobs import Job
 from domain.spots import DOWN, UP, Spot
-from domain.sweeps import Sweep
+from domain.sweeps import Sweep, parse
 from domain.tasks import BlockBatch, Completion, Outcome, TaskBlock
 
 log = logging.getLogger(__name__)
@@ -423,9 +423,7 @@ class _Batch:
         self.touch(job)
         for number, block_uuid in enumerate(job.block_ids()):
             first, count = job.block_range(number)
-            block = TaskBlock.create(
-                block_uuid, job.public_id, first, count, job.max_attempts, sweep_text
-            )
+            block = TaskBlock.create(block_uuid, job.public_id, first, count, job.max_attempts)
             self.touch(block)
             self.new_blocks.append(block)
         return JobCreated(job.public_id, job.total_tasks, replayed=False)
@@ -551,14 +549,23 @@ class _Batch:
             pending = self.claims.setdefault(block.id, ([], []))
             pending[0].extend(indexes)
             pending[1].extend([c.spot_id] * len(indexes))
-            job = _job_uuid(block)
+            job = self._job_of(block)
+            sweep = parse(job.sweep)
             fences = {i: block.view(i).fence + 1 for i in indexes}
             claimed.extend(
-                ClaimedTask(task_id(job, i), block.payload(i), fences[i]) for i in indexes
+                ClaimedTask(task_id(job.id, i), sweep.payload(i), fences[i]) for i in indexes
             )
             if len(claimed) == c.max_tasks:
                 break
         return Claimed(claimed)
+
+    def _job_of(self, block: TaskBlock) -> Job:
+        """The block's job: its sweep gives the tasks' payloads."""
+        uuid = _job_uuid(block)
+        job = self.touched.get(uuid) or self.p.job(uuid)  # a job of this batch is not kept yet
+        if not isinstance(job, Job):
+            raise LookupError(f"block {block.id} names job {block.job_id}, which is not stored")
+        return job
 
     def _claimable_blocks(self) -> Iterable[TaskBlock]:
         yield from self.new_blocks

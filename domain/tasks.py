@@ -9,19 +9,24 @@ listing the tasks they touch. The invariants still hold per task:
 * every claim gives the task a fencing token one higher than its last;
 * only the holder, with the current token, may complete or fail it;
 * a task is claimed at most ``max_attempts`` times before it is FAILED.
+
+A block does not carry the sweep: its tasks' parameters are the job's (stored
+once, in ``Job.Created``), found by ``job_id``. And no event a block stores
+grows past :attr:`BlockBatch.MAX_EVENT_BYTES` of texts (results, errors), well
+under the broker's 1 MB message size: a batch's finishes are split into as many
+events as that takes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from functools import lru_cache
+from typing import Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
-
-from domain.sweeps import Sweep
 
 NEW, RUNNING, DONE, FAILED = "NEW", "RUNNING", "DONE", "FAILED"
 TERMINAL = frozenset({DONE, FAILED})
@@ -63,7 +68,7 @@ class Completion:
 
     @property
     def size(self) -> int:
-        return 64 + len(self.result_json or "")
+        return _ITEM_BYTES + _utf8(self.holder) + _utf8(self.result_json or "")
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,28 @@ class Failure:
     error: str
     retried: bool
 
+    @property
+    def size(self) -> int:
+        return _ITEM_BYTES + _utf8(self.holder) + _utf8(self.error)
+
 
 @dataclass(frozen=True)
 class Reap:
     index: int
     holder: str
     retried: bool
+
+    @property
+    def size(self) -> int:
+        return _ITEM_BYTES + _utf8(self.holder)
+
+
+#: What an item's numbers and Avro framing take at most, beside its texts.
+_ITEM_BYTES = 64
+
+
+def _utf8(text: str) -> int:
+    return len(text.encode())
 
 
 def decide_complete(task: TaskView, spot: str, fence: int | None) -> Outcome:
@@ -111,14 +132,12 @@ class TaskBlock(Aggregate):
         first: int
         count: int
         max_attempts: int
-        sweep: str
 
-    def __init__(self, job_id: str, first: int, count: int, max_attempts: int, sweep: str):
+    def __init__(self, job_id: str, first: int, count: int, max_attempts: int):
         self.job_id = job_id
         self.first = first
         self.count = count
         self.max_attempts = max_attempts
-        self.sweep = sweep
         self.status = [NEW] * count
         self.attempts = [0] * count
         self.fences = [0] * count
@@ -132,7 +151,7 @@ class TaskBlock(Aggregate):
 
     @classmethod
     def create(
-        cls, block_id: UUID, job_id: str, first: int, count: int, max_attempts: int, sweep: str
+        cls, block_id: UUID, job_id: str, first: int, count: int, max_attempts: int
     ) -> TaskBlock:
         if count <= 0 or first < 0 or max_attempts <= 0:
             raise TaskBlockError("a block needs tasks, a first index and attempts")
@@ -143,7 +162,6 @@ class TaskBlock(Aggregate):
             first=first,
             count=count,
             max_attempts=max_attempts,
-            sweep=sweep,
         )
 
     # ---- queries -------------------------------------------------------------
@@ -181,9 +199,6 @@ class TaskBlock(Aggregate):
             for o, s in enumerate(self.status)
             if s == RUNNING
         ]
-
-    def payload(self, index: int) -> str:
-        return _sweep(self.sweep).payload(index)
 
     def retries_left(self, index: int) -> bool:
         return self.attempts[index - self.first] < self.max_attempts
@@ -339,7 +354,8 @@ class BlockBatch:
 
     Decisions see the block as stored plus the changes already accepted in this
     batch, so a duplicate in the same batch gets the answer a later retry would.
-    :meth:`record` then stores one event per kind of change.
+    :meth:`record` then stores one event per kind of change, or several when
+    their texts would make one larger than :attr:`MAX_EVENT_BYTES`.
     """
 
     MAX_EVENT_BYTES = 256 * 1024
@@ -387,21 +403,31 @@ class BlockBatch:
         return reap
 
     def record(self, at: datetime) -> None:
-        for chunk in _chunks(self.completions, self.MAX_EVENT_BYTES):
-            self.block.complete(chunk, at)
-        if self.failures:
-            self.block.fail(self.failures, at)
+        for completions in _chunks(self.completions, self.MAX_EVENT_BYTES):
+            self.block.complete(completions, at)
+        for failures in _chunks(self.failures, self.MAX_EVENT_BYTES):
+            self.block.fail(failures, at)
+        # A block's reaps are at most its 500 tasks of a few dozen bytes each, but
+        # they are split the same way so that no kind of event can outgrow the cap.
         for reason, reaps in self.reaps.items():
-            self.block.reap(reaps, reason, at)
+            for chunk in _chunks(reaps, self.MAX_EVENT_BYTES - _utf8(reason)):
+                self.block.reap(chunk, reason, at)
 
 
-@lru_cache(maxsize=256)
-def _sweep(text: str) -> Sweep:
-    return Sweep.from_json(text)
+class _Sized(Protocol):
+    @property
+    def size(self) -> int: ...
 
 
-def _chunks(items: list[Completion], max_bytes: int) -> list[list[Completion]]:
-    chunks: list[list[Completion]] = []
+_Item = TypeVar("_Item", bound=_Sized)
+
+
+def _chunks(items: Sequence[_Item], max_bytes: int) -> list[list[_Item]]:
+    """``items`` in order, split where the next would take a chunk past ``max_bytes``.
+
+    An item larger than ``max_bytes`` goes alone in its chunk.
+    """
+    chunks: list[list[_Item]] = []
     size = max_bytes
     for item in items:
         if size + item.size > max_bytes:

@@ -90,7 +90,7 @@ def run_relay(settings: Settings) -> int:
 def run_projector(settings: Settings, which: str) -> int:
     from projections.postgres.tables import PostgresReadModel
     from projections.redis.dashboards import LagSamples, RedisReadModel
-    from streaming.consumer import Projector, ReadModel
+    from streaming.consumer import Projector, ReadModel, StoreReader
     from streaming.topics import TopicCatalogue
 
     configure_logging(settings)
@@ -98,7 +98,9 @@ def run_projector(settings: Settings, which: str) -> int:
     store = wait_for_store(settings, f"projector {which}")
     model: ReadModel
     if which == "postgres":
-        model = PostgresReadModel(settings.database_url, settings.read_schema)
+        model = PostgresReadModel(
+            settings.database_url, settings.read_schema, StoreReader(store).first_event
+        )
     else:
         model = RedisReadModel(settings.redis_url, settings.redis_prefix)
     projector = Projector(

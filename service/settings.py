@@ -41,6 +41,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "TADPOLE_REDIS_PREFIX": ("tadpole", "key prefix of the Redis read models"),
     "TADPOLE_TOPIC_PREFIX": ("tadpole", "prefix of every Kafka topic and consumer group"),
     "TADPOLE_MAX_SWEEP_TASKS": ("100000", "largest job a sweep may create"),
+    "TADPOLE_MAX_SWEEP_BYTES": (
+        "262144",
+        "largest sweep, in bytes of canonical JSON (stored once, in Job.Created)",
+    ),
     "TADPOLE_TASK_REAPER_INTERVAL": ("30", "seconds between TaskReaper runs"),
     "TADPOLE_TASK_REAPER_THRESHOLD": (
         "300",
@@ -81,6 +85,7 @@ class Settings:
     redis_prefix: str = "tadpole"
     topic_prefix: str = "tadpole"
     max_sweep_tasks: int = 100_000
+    max_sweep_bytes: int = 262_144
     task_reaper_interval: float = 30.0
     task_reaper_threshold: float = 300.0
     spot_reaper_interval: float = 5.0
@@ -110,6 +115,7 @@ class Settings:
             "TADPOLE_REDIS_PREFIX": self.redis_prefix,
             "TADPOLE_TOPIC_PREFIX": self.topic_prefix,
             "TADPOLE_MAX_SWEEP_TASKS": str(self.max_sweep_tasks),
+            "TADPOLE_MAX_SWEEP_BYTES": str(self.max_sweep_bytes),
             "TADPOLE_TASK_REAPER_INTERVAL": str(self.task_reaper_interval),
             "TADPOLE_TASK_REAPER_THRESHOLD": str(self.task_reaper_threshold),
             "TADPOLE_SPOT_REAPER_INTERVAL": str(self.spot_reaper_interval),
@@ -161,6 +167,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_prefix=text("TADPOLE_REDIS_PREFIX"),
         topic_prefix=text("TADPOLE_TOPIC_PREFIX"),
         max_sweep_tasks=_number(env, "TADPOLE_MAX_SWEEP_TASKS", int),
+        max_sweep_bytes=_number(env, "TADPOLE_MAX_SWEEP_BYTES", int),
         task_reaper_interval=_number(env, "TADPOLE_TASK_REAPER_INTERVAL", float),
         task_reaper_threshold=_number(env, "TADPOLE_TASK_REAPER_THRESHOLD", float),
         spot_reaper_interval=_number(env, "TADPOLE_SPOT_REAPER_INTERVAL", float),

@@ -152,6 +152,7 @@ def build_app(
         audit=None,  # type: ignore[arg-type]
         block_ids=lambda job: [],
         max_sweep_tasks=settings.max_sweep_tasks,
+        max_sweep_bytes=settings.max_sweep_bytes,
         read_wait=settings.read_wait,
         spot_ids=lambda: [],
         degraded_lag=settings.degraded_lag,

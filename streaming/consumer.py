@@ -133,6 +133,11 @@ class StoreReader:
         """The store's last notification id."""
         return self.store.max_position()
 
+    def first_event(self, uuid: UUID) -> EventMessage | None:
+        """An aggregate's first event (a job's ``Job.Created``, with its sweep), if stored."""
+        first = next(iter(self.store.events.get(uuid, lte=1)), None)
+        return None if first is None else message_from_event(first, 0)
+
     def aggregate(self, uuid: UUID, after_version: int) -> list[EventMessage]:
         """An aggregate's events after a version (their store positions are unknown: 0)."""
         events = self.store.events.get(uuid, gt=after_version)

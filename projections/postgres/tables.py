@@ -7,12 +7,15 @@ skipped) is seen and healed from the event store.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
 import psycopg
+from eventsourcing.persistence import InterfaceError as StoreInterfaceError
+from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import sql
 
 from domain.ids import spot_id, task_id
@@ -90,16 +93,34 @@ $$;
 
 TABLES = ("jobs", "tasks", "spots", "applied", "checkpoint")
 
+#: A stored aggregate's first event, from the event store (``StoreReader.first_event``).
+FirstEvent = Callable[[UUID], EventMessage | None]
+
 
 class PostgresReadModel:
     """Applies events to the tables in ``schema`` (sync psycopg; one projector process)."""
 
     name = "postgres"
-    transient: tuple[type[BaseException], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
+    #: The database, or the store it reads a job's sweep from, is away: not the event's fault.
+    transient: tuple[type[BaseException], ...] = (
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+        StoreOperationalError,
+        StoreInterfaceError,
+    )
 
-    def __init__(self, conninfo: str, schema: str):
+    def __init__(self, conninfo: str, schema: str, first_event: FirstEvent):
+        """``first_event`` reads a job's ``Job.Created`` from the event store.
+
+        A task block names its job; the job's sweep gives the tasks' parameters.
+        The job's event travels on another partition and may not be applied yet,
+        but it was stored in the same transaction as its blocks, so the store has it.
+        """
         self.conninfo = conninfo
         self.schema = schema
+        self._first_event = first_event
+        # A job's blocks come together (one writer batch), so a few parsed sweeps do.
+        self._sweep = lru_cache(maxsize=8)(self._stored_sweep)
         self._conn: psycopg.Connection[Any] | None = None
         self._s = sql.Identifier(schema)
         self._queries: dict[str, bytes] = {}
@@ -124,6 +145,12 @@ class PostgresReadModel:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+
+    def _stored_sweep(self, job: UUID) -> Sweep:
+        created = self._first_event(job)
+        if created is None or created.type != "Job.Created":
+            raise LookupError(f"job {job} has no Job.Created in the event store")
+        return Sweep.from_json(created.data["sweep"])
 
     def q(self, text: str) -> bytes:
         """``text`` with ``{schema}`` filled in, composed once per statement."""
@@ -173,7 +200,7 @@ class PostgresReadModel:
         ``applied`` table to.
         """
         gaps: list[EventMessage] = []
-        changes = _Changes()
+        changes = _Changes(self._sweep)
         # Pipelined: BEGIN and the SELECT go together; then the writes and the
         # COMMIT, which need no answers, in one more round trip.
         with self.conn.pipeline(), self.conn.transaction(), self.conn.cursor() as cur:
@@ -334,7 +361,8 @@ _TYPES = {
 class _Changes:
     """What a batch of events does to the tables, merged per row in event order."""
 
-    def __init__(self) -> None:
+    def __init__(self, sweep_of: Callable[[UUID], Sweep]) -> None:
+        self.sweep_of = sweep_of
         self.jobs: list[tuple[Any, ...]] = []
         self.task_inserts: list[tuple[Any, ...]] = []
         self.spots_new: list[tuple[Any, ...]] = []
@@ -379,8 +407,8 @@ class _Changes:
 
     def _on_TaskBlock_Created(self, m: EventMessage) -> None:
         d = m.data
-        sweep = Sweep.from_json(d["sweep"])
         job = UUID(hex=d["job_id"].removeprefix("job-"))
+        sweep = self.sweep_of(job)
         indexes = range(d["first"], d["first"] + d["count"])
         params = [sweep.params(i) for i in indexes]
         self.task_inserts.append(

@@ -16,7 +16,7 @@ from projections.postgres.tables import PostgresReadModel
 from projections.redis.dashboards import RedisReadModel
 from service.settings import load_settings
 from service.wiring import store_env
-from streaming.consumer import Projector
+from streaming.consumer import Projector, StoreReader
 from streaming.topics import TopicCatalogue
 from tests.e2e.conftest import ROOT, Stack, http, wait_for
 from tests.e2e.fleet import Fleet, lease_violations, sweep
@@ -72,9 +72,10 @@ def _rebuild_equals_live(stack: Stack, tmp_name: str) -> tuple[bool, str]:
     s = _settings(stack)
     store = _store(stack)
     try:
-        fresh_pg = PostgresReadModel(s.database_url, f"{tmp_name}_read")
+        first_event = StoreReader(store).first_event
+        fresh_pg = PostgresReadModel(s.database_url, f"{tmp_name}_read", first_event)
         fresh_redis = RedisReadModel(s.redis_url, f"{tmp_name}r")
-        live_pg = PostgresReadModel(s.database_url, s.read_schema)
+        live_pg = PostgresReadModel(s.database_url, s.read_schema, first_event)
         live_redis = RedisReadModel(s.redis_url, s.redis_prefix)
         for model in (fresh_pg, fresh_redis):
             model.reset()

@@ -202,7 +202,11 @@ class Env:
     # ---- read models ----------------------------------------------------------------------
 
     def postgres(self, schema: str | None = None) -> PostgresReadModel:
-        model = PostgresReadModel(self.settings.database_url, schema or self.settings.read_schema)
+        model = PostgresReadModel(
+            self.settings.database_url,
+            schema or self.settings.read_schema,
+            StoreReader(self.store).first_event,
+        )
         self.closing.append(model.close)
         return model
 
@@ -229,7 +233,11 @@ class Env:
 
     def dumps(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Dumps of the models under test, read through connections of their own."""
-        postgres = PostgresReadModel(self.settings.database_url, self.settings.read_schema)
+        postgres = PostgresReadModel(
+            self.settings.database_url,
+            self.settings.read_schema,
+            StoreReader(self.store).first_event,
+        )
         cache = RedisReadModel(self.settings.redis_url, self.settings.redis_prefix)
         try:
             return postgres.dump(), cache.dump()
@@ -401,6 +409,37 @@ def test_events_of_different_aggregates_apply_in_any_order(env: Env) -> None:
         assert model.apply(shuffled) == []
     assert (one_by_one[0].dump(), one_by_one[1].dump()) == expected
     assert (together[0].dump(), together[1].dump()) == expected
+
+
+def test_blocks_applied_before_their_job_take_the_sweep_from_the_store_once(env: Env) -> None:
+    """A job's blocks carry no sweep, and its Job.Created may come later (another partition)."""
+    tasks = 1100  # three blocks
+    job = env.writer.job(tasks)
+    blocks = [m for m in env.messages() if m.type == "TaskBlock.Created"]
+    assert len(blocks) == 3 and all("sweep" not in m.data for m in blocks)
+    reader, reads = StoreReader(env.store), list[UUID]()
+
+    def first_event(uuid: UUID) -> EventMessage | None:
+        reads.append(uuid)
+        return reader.first_event(uuid)
+
+    model = PostgresReadModel(env.settings.database_url, f"{env.name}_early", first_event)
+    env.closing.append(model.close)
+    model.create()
+    for m in blocks:
+        assert model.apply([m]) == []
+    assert reads == [parse_job_id(job)]  # one read for the three blocks
+    with model.conn.transaction():
+        rows = model.conn.execute(
+            sql.SQL(
+                "SELECT idx, algorithm, iterations, agents, dimension FROM {}.tasks ORDER BY idx"
+            ).format(sql.Identifier(f"{env.name}_early"))
+        ).fetchall()
+    expected = sweep(tasks)
+    assert rows == [
+        (i, p.algorithm, p.iterations, p.agents, p.dimension)
+        for i, p in ((i, expected.params(i)) for i in range(tasks))
+    ]
 
 
 def test_redelivered_and_older_events_change_nothing(env: Env) -> None:

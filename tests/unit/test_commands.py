@@ -182,6 +182,18 @@ def test_jobs_without_a_key_are_always_new(world: World) -> None:
     assert (a.replayed, b.replayed) == (False, False)
 
 
+def test_the_sweep_is_stored_once_and_each_block_names_its_job(world: World) -> None:
+    job = world.job(3 * BLOCK_SIZE)
+    stored = world.store.notifications(0, 100)
+    assert [n.topic.split(":")[1] for n in stored] == ["Job.Created"] + ["TaskBlock.Created"] * 3
+    assert [n for n in stored if b"/test/opt.jar" in n.state] == stored[:1]
+    for number in range(3):
+        (created,) = world.store.stored_events(block_id(parse_job_id(job), number))
+        assert isinstance(created, TaskBlock.Created)
+        assert created.job_id == job
+        assert not hasattr(created, "sweep")
+
+
 # ---- claiming ----------------------------------------------------------------------------
 
 
@@ -196,6 +208,36 @@ def test_claim_hands_out_tasks_with_their_payload_and_first_fence(world: World) 
     for t in tasks:
         stored = world.stored_task(t.task_id)
         assert (stored.status, stored.holder, stored.fence) == (RUNNING, spot, 1)
+
+
+def test_claim_payloads_are_the_compact_json_spots_have_always_received(world: World) -> None:
+    world.job(3)
+    (task,) = world.claim(world.spot(), 1)
+    assert task.payload == (
+        '{"alg":"PSO","iterations":100,"agents":10,"dimension":1,'
+        '"jarPath":"/test/opt.jar","mainClass":"com.test.Main"}'
+    )
+
+
+def test_claims_in_the_batch_that_creates_the_job_get_its_payloads(world: World) -> None:
+    spot = world.spot()
+    created, claimed = world.run(CreateJob(sweep(4)), ClaimTasks(spot, 2))
+    assert [t.payload for t in claimed.tasks] == [sweep(4).payload(i) for i in range(2)]
+    assert [t.task_id for t in claimed.tasks] == [
+        task_id(parse_job_id(created.job_id), i) for i in range(2)
+    ]
+
+
+def test_claims_after_a_restart_get_payloads_from_the_stored_job(world: World) -> None:
+    world.job(BLOCK_SIZE + 2, key="key-1")
+    world.one(CreateJob(sweep(3, main_class="com.test.Other")))
+    spot = world.spot()
+    world.claim(spot, BLOCK_SIZE)
+    world.restart()
+    tasks = world.claim(spot, 4)
+    expected = [sweep(BLOCK_SIZE + 2).payload(i) for i in (BLOCK_SIZE, BLOCK_SIZE + 1)]
+    expected += [sweep(3, main_class="com.test.Other").payload(i) for i in (0, 1)]
+    assert [t.payload for t in tasks] == expected
 
 
 def test_claims_in_one_batch_never_hand_out_a_task_twice(world: World) -> None:

@@ -21,6 +21,9 @@ from domain.ids import (
 )
 from domain.sweeps import Range, Sweep, SweepError, TaskParams
 
+#: A byte cap no test sweep reaches unless it means to.
+ROOMY = 1 << 20
+
 
 def seed_sweep() -> Sweep:
     """The request of the seed's ``POST /api/v1/jobs`` example."""
@@ -146,24 +149,24 @@ def test_payload_matches_params_for_every_task() -> None:
 
 
 def test_a_valid_sweep_at_the_cap_passes_the_check() -> None:
-    seed_sweep().check(max_tasks=375)
+    seed_sweep().check(max_tasks=375, max_bytes=ROOMY)
 
 
 def test_a_sweep_above_the_cap_is_refused() -> None:
     with pytest.raises(SweepError, match="375 tasks, above the cap of 374"):
-        seed_sweep().check(max_tasks=374)
+        seed_sweep().check(max_tasks=374, max_bytes=ROOMY)
 
 
 def test_empty_algorithms_are_refused() -> None:
     with pytest.raises(SweepError, match="algorithms"):
-        with_(seed_sweep(), algorithms=()).check(max_tasks=10_000)
+        with_(seed_sweep(), algorithms=()).check(max_tasks=10_000, max_bytes=ROOMY)
 
 
 @pytest.mark.parametrize("name", ["iterations", "agents", "dimension"])
 def test_an_inverted_range_is_refused(name: str) -> None:
     sweep = with_(seed_sweep(), **{name: Range(10, 9, 1)})
     with pytest.raises(SweepError, match=f"{name} is inverted"):
-        sweep.check(max_tasks=10_000)
+        sweep.check(max_tasks=10_000, max_bytes=ROOMY)
 
 
 @pytest.mark.parametrize("step", [0, -1])
@@ -171,7 +174,91 @@ def test_an_inverted_range_is_refused(name: str) -> None:
 def test_a_step_that_is_not_positive_is_refused(name: str, step: int) -> None:
     sweep = with_(seed_sweep(), **{name: Range(1, 10, step)})
     with pytest.raises(SweepError, match=rf"{name}\.step must be greater than zero"):
-        sweep.check(max_tasks=10_000)
+        sweep.check(max_tasks=10_000, max_bytes=ROOMY)
+
+
+def test_a_sweep_above_the_byte_cap_is_refused_with_both_figures() -> None:
+    sweep = seed_sweep()
+    size = len(sweep.to_json())
+    sweep.check(max_tasks=375, max_bytes=size)
+    with pytest.raises(
+        SweepError, match=rf"{size} bytes as canonical JSON, above the cap of {size - 1} bytes"
+    ):
+        sweep.check(max_tasks=375, max_bytes=size - 1)
+
+
+def test_the_byte_cap_counts_escaped_non_ascii_text() -> None:
+    sweep = with_(seed_sweep(), algorithms=("é" * 100,))
+    size = len(sweep.to_json().encode())
+    assert size >= len(seed_sweep().to_json()) + 500  # each é is \u00e9 in the stored text
+    with pytest.raises(SweepError, match="bytes as canonical JSON"):
+        sweep.check(max_tasks=375, max_bytes=size - 1)
+
+
+def test_many_algorithm_names_within_the_task_cap_are_refused_by_the_byte_cap() -> None:
+    sweep = with_(
+        seed_sweep(),
+        algorithms=tuple(f"alg{n:06d}" for n in range(100_000)),
+        iterations=Range(1, 1, 1),
+        agents=Range(1, 1, 1),
+        dimension=Range(1, 1, 1),
+    )
+    with pytest.raises(SweepError, match="above the cap of 262144 bytes"):
+        sweep.check(max_tasks=100_000, max_bytes=256 * 1024)
+
+
+# ---- range arithmetic -------------------------------------------------------------
+
+
+def test_range_counts_its_values_arithmetically() -> None:
+    for r in (Range(100, 500, 100), Range(1, 10, 4), Range(-5, 5, 3), Range(7, 7, 1)):
+        assert r.count == len(r.values())
+        assert [r.value(n) for n in range(r.count)] == list(r.values())
+
+
+def test_a_range_of_the_widest_values_counts_without_overflow() -> None:
+    widest = Range(-(2**31), 2**31 - 1, 1)
+    assert widest.count == 2**32
+    sweep = with_(seed_sweep(), iterations=widest)
+    with pytest.raises(SweepError, match=r"makes \d+ tasks, above the cap"):
+        sweep.check(max_tasks=100_000, max_bytes=ROOMY)
+
+
+@pytest.mark.parametrize(
+    ("part", "bad"),
+    [
+        ("min", -(2**31) - 1),
+        ("max", 2**31),
+        ("max", 9223372036854775807),
+        ("max", 2**64),
+        ("min", -(2**63)),
+        ("step", 2**31),
+    ],
+)
+@pytest.mark.parametrize("name", ["iterations", "agents", "dimension"])
+def test_a_range_number_outside_a_signed_32_bit_integer_is_refused(
+    name: str, part: str, bad: int
+) -> None:
+    numbers = {"min": 1, "max": 1, "step": 1, part: bad}
+    if part == "min":
+        numbers["max"] = max(bad, 1)
+    sweep = with_(seed_sweep(), **{name: Range(**numbers)})
+    with pytest.raises(SweepError, match=rf"^{name}\.{part} is {bad}, outside "):
+        sweep.check(max_tasks=100_000, max_bytes=ROOMY)
+
+
+def test_the_extreme_values_that_fit_are_accepted_and_reach_the_payload() -> None:
+    sweep = with_(
+        seed_sweep(),
+        algorithms=("PSO",),
+        iterations=Range(2**31 - 2, 2**31 - 1, 1),
+        agents=Range(-(2**31), -(2**31), 2**31 - 1),
+        dimension=Range(0, 2**31 - 1, 2**31 - 1),
+    )
+    sweep.check(max_tasks=4, max_bytes=ROOMY)
+    assert sweep.shape == (1, 2, 1, 2)
+    assert sweep.params(3) == TaskParams("PSO", 2**31 - 1, -(2**31), 2**31 - 1)
+    assert json.loads(sweep.payload(3))["iterations"] == 2**31 - 1
 
 
 def test_sweep_error_is_a_value_error() -> None:
@@ -196,6 +283,15 @@ def test_sweep_json_is_canonical_sorted_and_compact() -> None:
     assert data["algorithms"] == ["PSO", "GA", "DE"]
     assert data["iterations"] == {"max": 500, "min": 100, "step": 100}
     assert " " not in text
+
+
+def test_sweep_json_is_the_text_jobs_were_always_stored_with() -> None:
+    """Idempotent retries compare it with the text in jobs stored by older versions."""
+    assert with_(seed_sweep(), algorithms=("PSO", "é")).to_json() == (
+        '{"agents":{"max":50,"min":10,"step":10},"algorithms":["PSO","\\u00e9"],'
+        '"dimension":{"max":10,"min":2,"step":2},"iterations":{"max":500,"min":100,"step":100},'
+        '"jar_path":"/path/to/optimizer.jar","main_class":"com.example.OptRunner"}'
+    )
 
 
 def test_different_sweeps_have_different_json() -> None:

@@ -7,7 +7,6 @@ from uuid import uuid4
 
 import pytest
 
-from domain.sweeps import Range, Sweep
 from domain.tasks import (
     DONE,
     FAILED,
@@ -21,11 +20,9 @@ from domain.tasks import (
     TaskBlock,
     TaskBlockError,
 )
+from schemas.codec import Codec, message_from_event
 
 T0 = datetime(2026, 1, 28, 16, 0, tzinfo=UTC)
-SWEEP = Sweep(
-    "/opt.jar", "com.test.Main", ("PSO", "GA"), Range(1, 1, 1), Range(1, 1, 1), Range(1, 5, 1)
-)
 
 
 def at(seconds: float) -> datetime:
@@ -33,9 +30,7 @@ def at(seconds: float) -> datetime:
 
 
 def make_block(first: int = 0, count: int = 10, max_attempts: int = 3) -> TaskBlock:
-    block = TaskBlock.create(
-        uuid4(), "job-" + uuid4().hex, first, count, max_attempts, SWEEP.to_json()
-    )
+    block = TaskBlock.create(uuid4(), "job-" + uuid4().hex, first, count, max_attempts)
     block.collect_events()
     return block
 
@@ -81,12 +76,15 @@ def test_a_block_without_tasks_or_attempts_cannot_be_created(
     first: int, count: int, max_attempts: int
 ) -> None:
     with pytest.raises(TaskBlockError):
-        TaskBlock.create(uuid4(), "job-x", first, count, max_attempts, SWEEP.to_json())
+        TaskBlock.create(uuid4(), "job-x", first, count, max_attempts)
 
 
-def test_block_payload_is_the_sweep_payload_of_the_index() -> None:
-    block = make_block(first=0, count=10)
-    assert block.payload(7) == SWEEP.payload(7)
+def test_a_block_created_event_names_its_job_and_carries_no_sweep() -> None:
+    block = TaskBlock.create(uuid4(), "job-abc", 500, 10, 3)
+    (created,) = events(block)
+    assert isinstance(created, TaskBlock.Created)
+    assert (created.job_id, created.first, created.count) == ("job-abc", 500, 10)
+    assert not hasattr(created, "sweep")
 
 
 # ---- claims -------------------------------------------------------------------------
@@ -491,4 +489,82 @@ def test_completions_above_the_event_size_limit_are_split() -> None:
     stored = events(block)
     assert all(isinstance(e, TaskBlock.Completed) for e in stored)
     assert [e.indexes for e in stored] == [[0], [1], [2]]
+    assert block.is_finished()
+
+
+def encoded_sizes(stored: list[object]) -> list[int]:
+    """Each event's size as the relay sends it: an Avro envelope."""
+    codec = Codec()
+    return [len(codec.encode(message_from_event(e, 1))) for e in stored]
+
+
+#: What an event may take beyond its texts' chunk (ids, numbers, envelope).
+FRAMING = 4096
+
+
+def test_failures_above_the_event_size_limit_are_split_and_each_event_is_under_it() -> None:
+    block = make_block(count=500)
+    block.claim(list(range(500)), ["spot-a"] * 500, T0)
+    events(block)
+    batch = BlockBatch(block)
+    for i in range(500):  # 8 KiB error texts, the API's cap: 4 MB in all
+        batch.fail(i, "spot-a", 1, f"{i:04d}" + "E" * 8188, retriable=i % 2 == 0)
+    batch.record(T0)
+    stored = events(block)
+    assert all(isinstance(e, TaskBlock.Failed) for e in stored)
+    assert len(stored) >= 4 * 1024 * 1024 // BlockBatch.MAX_EVENT_BYTES
+    assert max(encoded_sizes(stored)) <= BlockBatch.MAX_EVENT_BYTES + FRAMING
+    indexes = [i for e in stored for i in e.indexes]  # type: ignore[attr-defined]
+    assert indexes == list(range(500))
+    errors = [x for e in stored for x in e.errors]  # type: ignore[attr-defined]
+    assert [x[:4] for x in errors] == [f"{i:04d}" for i in range(500)]
+    # retriable failures are NEW again, the others FAILED; each used one attempt
+    assert [block.view(i).status for i in range(4)] == [NEW, FAILED, NEW, FAILED]
+    assert block.new_count() == 250
+    assert all(block.view(i).holder is None for i in range(500))
+    assert {block.view(i).attempts for i in range(500)} == {1}
+
+
+def test_failure_sizes_count_utf8_bytes_not_characters() -> None:
+    block = make_block(count=100)
+    block.claim(list(range(100)), ["spot-a"] * 100, T0)
+    events(block)
+    batch = BlockBatch(block)
+    for i in range(100):  # 8192 characters of 3 bytes each: 24 KiB an error
+        batch.fail(i, "spot-a", 1, "€" * 8192, retriable=False)
+    batch.record(T0)
+    stored = events(block)
+    assert len(stored) > 1
+    assert max(encoded_sizes(stored)) <= BlockBatch.MAX_EVENT_BYTES + FRAMING
+    assert block.is_finished()
+
+
+def test_reaps_above_the_event_size_limit_are_split_and_each_event_is_under_it() -> None:
+    holders = [f"spot-{n:03d}-" + "h" * 250 for n in range(2000)]
+    block = make_block(count=2000)
+    block.claim(list(range(2000)), holders, T0)
+    events(block)
+    batch = BlockBatch(block)
+    for i in range(2000):
+        batch.reap(i, "spot down")
+    batch.record(T0)
+    stored = events(block)
+    assert len(stored) > 1
+    assert all(isinstance(e, TaskBlock.Reaped) and e.reason == "spot down" for e in stored)
+    assert max(encoded_sizes(stored)) <= BlockBatch.MAX_EVENT_BYTES + FRAMING
+    assert [h for e in stored for h in e.holders] == holders  # type: ignore[attr-defined]
+    assert block.new_count() == 2000
+
+
+def test_completions_are_split_and_each_event_is_under_the_limit() -> None:
+    block = make_block(count=200)
+    block.claim(list(range(200)), ["spot-a"] * 200, T0)
+    events(block)
+    batch = BlockBatch(block)
+    for i in range(200):
+        batch.complete(completion(i, "spot-a", result='"' + "r" * 16000 + '"'), 1)
+    batch.record(T0)
+    stored = events(block)
+    assert len(stored) > 1
+    assert max(encoded_sizes(stored)) <= BlockBatch.MAX_EVENT_BYTES + FRAMING
     assert block.is_finished()
