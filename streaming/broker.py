@@ -16,6 +16,11 @@ idempotent-producer state, and it reports a new cluster id
 (:func:`streaming.topics.ensure_topics`). Consumers reconnect and rejoin by
 themselves; an idempotent producer from before the restart does *not* recover
 and must be replaced (``tests/integration/test_broker.py`` has the details).
+Under ``tadpole up`` a broker that dies is started again on its port, its topics
+created again, by :class:`service.processes.BrokerKeeper`.
+
+:func:`broker_reachable` (and :func:`broker_reachable_async`) tell a health
+check cheaply whether a broker listens at a ``bootstrap.servers`` address.
 
 Observed Tansu 0.6.0 behaviour worth knowing (pinned down by those tests):
 
