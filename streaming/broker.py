@@ -16,6 +16,11 @@ idempotent-producer state, and it reports a new cluster id
 (:func:`streaming.topics.ensure_topics`). Consumers reconnect and rejoin by
 themselves; an idempotent producer from before the restart does *not* recover
 and must be replaced (``tests/integration/test_broker.py`` has the details).
+Under ``tadpole up`` a broker that dies is started again on its port, its topics
+created again, by :class:`service.processes.BrokerKeeper`.
+
+:func:`broker_reachable` (and :func:`broker_reachable_async`) tell a health
+check cheaply whether a broker listens at a ``bootstrap.servers`` address.
 
 Observed Tansu 0.6.0 behaviour worth knowing (pinned down by those tests):
 
@@ -40,6 +45,7 @@ process's stdout/stderr; the file's tail is quoted when the broker fails to star
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -60,6 +66,8 @@ from typing import IO, Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
+
+from streaming.topics import admin_config
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +116,74 @@ def port_is_free(port: int, host: str = LOOPBACK) -> bool:
         except OSError:
             return False
         return True
+
+
+def bootstrap_addresses(bootstrap_servers: str) -> list[tuple[str, int]]:
+    """The ``(host, port)`` pairs of a ``bootstrap.servers`` string, in its order.
+
+    Accepts ``host:port[,host:port...]``, with an optional ``SCHEME://`` before
+    each and ``[v6-address]:port``; an entry without a valid port is left out.
+
+    Args:
+        bootstrap_servers: The client setting, e.g. ``"127.0.0.1:9092,kafka:9092"``.
+
+    Returns:
+        The addresses that parsed.
+    """
+    addresses: list[tuple[str, int]] = []
+    for entry in bootstrap_servers.split(","):
+        host, _, port = entry.strip().rpartition("://")[2].rpartition(":")
+        host = host.strip("[]")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            addresses.append((host, int(port)))
+    return addresses
+
+
+def broker_reachable(bootstrap_servers: str, timeout: float = 0.5) -> bool:
+    """Whether a bootstrap server accepts a TCP connection: cheap, for health checks.
+
+    Tries the servers in order until one accepts, all within ``timeout`` seconds
+    in total, and closes the connection at once without a word of Kafka. A
+    refused connection (the usual sign of a dead broker, above all the embedded
+    one on loopback) answers within a millisecond; only an address that drops
+    packets uses up the timeout. It proves that something listens there, not
+    that it is a healthy Kafka broker. An event loop should call
+    :func:`broker_reachable_async` instead.
+
+    Args:
+        bootstrap_servers: The ``bootstrap.servers`` setting.
+        timeout: Seconds for the whole check.
+
+    Returns:
+        ``True`` if one accepted; ``False`` if none did in time, or none parsed.
+    """
+    deadline = time.monotonic() + timeout
+    for address in bootstrap_addresses(bootstrap_servers):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.create_connection(address, timeout=left):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+async def broker_reachable_async(bootstrap_servers: str, timeout: float = 0.5) -> bool:
+    """:func:`broker_reachable` without blocking the event loop (same contract)."""
+    try:
+        async with asyncio.timeout(timeout):
+            for host, port in bootstrap_addresses(bootstrap_servers):
+                try:
+                    _, writer = await asyncio.open_connection(host, port)
+                except OSError:
+                    continue
+                writer.close()
+                return True
+    except TimeoutError:
+        pass
+    return False
 
 
 def resolve_tansu() -> str:
@@ -223,6 +299,13 @@ class EmbeddedBroker:
     def running(self) -> bool:
         """Whether the broker process is alive."""
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """How the broker process ended (negative: killed by that signal); ``None`` if
+        it runs or was never started or was stopped by :meth:`stop`."""
+        process = self._process
+        return None if process is None else process.poll()
 
     @property
     def pid(self) -> int | None:
@@ -401,13 +484,8 @@ class EmbeddedBroker:
             pause = min(pause * 2, 0.2)
 
     def _answer_metadata(self, timeout: float) -> None:
-        admin = AdminClient(
-            {
-                "bootstrap.servers": self.bootstrap_servers,
-                "allow.auto.create.topics": False,
-                "log_level": 0,  # refused connections while it boots are expected
-            }
-        )
+        # log_level 0: refused connections while it boots are expected
+        admin = AdminClient(admin_config(self.bootstrap_servers, log_level=0))
         metadata = admin.list_topics(timeout=timeout)
         if not metadata.brokers:
             raise KafkaException("metadata names no broker")

@@ -15,7 +15,9 @@ Events are keyed by aggregate id, so one aggregate's events share a partition
 and keep their order. :func:`ensure_topics` creates whatever is missing and is
 safe to call at any time, e.g. after the embedded broker came back empty.
 
-:func:`producer_config` and :func:`consumer_config` are the client settings,
+:func:`producer_config`, :func:`consumer_config` and :func:`admin_config` are
+the client settings, all built on :func:`client_config` (which also routes
+librdkafka's log lines through a throttle, :mod:`streaming.clientlog`),
 checked against Tansu 0.6.0 (``tests/integration/test_broker.py``). Two of its
 traits drive them: it auto-creates unknown topics with 4 partitions unless the
 client opts out (all configs here send ``allow.auto.create.topics=false``, so
@@ -38,8 +40,9 @@ from confluent_kafka import KafkaError, KafkaException
 # NewTopic is public in confluent_kafka.admin, but its stubs do not re-export it
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic  # type: ignore[attr-defined]
 
+from streaming.clientlog import CLIENT_LOG
+
 log = logging.getLogger(__name__)
-_client_log = logging.getLogger(f"{__name__}.librdkafka")
 
 ClientConfig = dict[str, Any]
 """A confluent-kafka client config: librdkafka settings, plus callbacks such as
@@ -202,13 +205,10 @@ def ensure_topics(bootstrap_servers: str, catalogue: TopicCatalogue, timeout: fl
     """
     deadline = time.monotonic() + timeout
     admin = AdminClient(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "allow.auto.create.topics": False,
-            "socket.connection.setup.timeout.ms": max(1000, int(timeout * 1000)),
-            "reconnect.backoff.max.ms": 1000,
-        },
-        logger=_client_log,  # Python logging, not librdkafka's default (stderr)
+        admin_config(
+            bootstrap_servers,
+            **{"socket.connection.setup.timeout.ms": max(1000, int(timeout * 1000))},
+        )
     )
     specs = {spec.name: spec for spec in catalogue.specs()}
     metadata = _metadata(admin, deadline, bootstrap_servers)
@@ -317,6 +317,50 @@ def _await_topics(
         pause = min(pause * 2, 0.2)
 
 
+RECONNECT_BACKOFF_MS: Final = 250
+"""The pause before a client connects to a broker again after a failed attempt.
+
+librdkafka's consumer does not grow it while the broker is down (measured:
+one attempt per ``reconnect.backoff.ms`` for each broker it knows, the
+bootstrap address counting as one), so it is what sets the rate of refused
+connections: 50 ms made ~40 a second per consumer. 250 ms still notices a
+restarted broker within a third of a second; the log lines are throttled on
+top of that (:mod:`streaming.clientlog`).
+"""
+
+
+def client_config(bootstrap_servers: str, **overrides: object) -> ClientConfig:
+    """What every Kafka client of Tadpole shares: producers, consumers, admin clients.
+
+    * no topic auto-creation: only :func:`ensure_topics` creates topics;
+    * reconnects after :data:`RECONNECT_BACKOFF_MS`, at most 2 s apart;
+    * librdkafka's log lines go to Python logging (:data:`streaming.clientlog.CLIENT_LOG`,
+      logger ``streaming.librdkafka``) instead of stderr, with repeats throttled to one
+      per kind per client every few seconds.
+
+    Args:
+        bootstrap_servers: The brokers, ``host:port[,host:port...]``.
+        **overrides: Settings that replace or add to these, as for :func:`producer_config`.
+
+    Returns:
+        A config dict for any confluent-kafka client.
+    """
+    config: ClientConfig = {
+        "bootstrap.servers": bootstrap_servers,
+        "allow.auto.create.topics": False,
+        "reconnect.backoff.ms": RECONNECT_BACKOFF_MS,
+        "reconnect.backoff.max.ms": 2000,
+        "logger": CLIENT_LOG,
+    }
+    config.update(overrides)
+    return config
+
+
+def admin_config(bootstrap_servers: str, **overrides: object) -> ClientConfig:
+    """Settings for an :class:`~confluent_kafka.admin.AdminClient` (:func:`client_config`)."""
+    return client_config(bootstrap_servers, **overrides)
+
+
 def producer_config(bootstrap_servers: str, **overrides: object) -> ClientConfig:
     """Settings for the idempotent producer (the relay).
 
@@ -324,7 +368,8 @@ def producer_config(bootstrap_servers: str, **overrides: object) -> ClientConfig
     partition); ``linger.ms`` 5 batches what is produced together, and costs no
     latency to whoever calls ``flush()``, which sends at once; lz4 batches; no
     topic auto-creation; quick reconnects to a broker that restarts; a message
-    fails after :data:`MESSAGE_TIMEOUT_MS` instead of librdkafka's 5 minutes.
+    fails after :data:`MESSAGE_TIMEOUT_MS` instead of librdkafka's 5 minutes;
+    and what every client shares (:func:`client_config`).
 
     An idempotent producer does not survive a broker that restarts empty: it is
     never told (no fatal error), each message just times out (``_MSG_TIMED_OUT``)
@@ -342,19 +387,17 @@ def producer_config(bootstrap_servers: str, **overrides: object) -> ClientConfig
     Returns:
         A config dict for :class:`confluent_kafka.Producer`.
     """
-    config: ClientConfig = {
-        "bootstrap.servers": bootstrap_servers,
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "compression.type": COMPRESSION,
-        "allow.auto.create.topics": False,
-        "message.timeout.ms": MESSAGE_TIMEOUT_MS,
-        "reconnect.backoff.ms": 50,
-        "reconnect.backoff.max.ms": 1000,
-    }
-    config.update(overrides)
-    return config
+    return client_config(
+        bootstrap_servers,
+        **{
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": COMPRESSION,
+            "message.timeout.ms": MESSAGE_TIMEOUT_MS,
+            **overrides,
+        },
+    )
 
 
 def consumer_config(bootstrap_servers: str, group_id: str, **overrides: object) -> ClientConfig:
@@ -376,9 +419,9 @@ def consumer_config(bootstrap_servers: str, group_id: str, **overrides: object) 
       cooperative-sticky; when a second member joins, the partitions the first
       one gives up are assigned to nobody and stay unconsumed. With range every
       rebalance pauses the group for about 3 s, and nothing is lost;
-    * quick retries, reconnects and metadata refreshes, so a broker that
-      restarted empty is noticed within a second and the group rejoined in
-      about 3 s once the topics exist again.
+    * quick retries, reconnects (:func:`client_config`) and metadata refreshes,
+      so a broker that restarted empty is noticed within a second and the group
+      rejoined in about 3 s once the topics exist again.
 
     Args:
         bootstrap_servers: The brokers, ``host:port[,host:port...]``.
@@ -389,22 +432,20 @@ def consumer_config(bootstrap_servers: str, group_id: str, **overrides: object) 
     Returns:
         A config dict for :class:`confluent_kafka.Consumer`.
     """
-    config: ClientConfig = {
-        "bootstrap.servers": bootstrap_servers,
-        "group.id": group_id,
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "session.timeout.ms": 6000,
-        "heartbeat.interval.ms": 1000,
-        "fetch.wait.max.ms": 20,
-        "fetch.min.bytes": 1,
-        "fetch.error.backoff.ms": 50,
-        "fetch.queue.backoff.ms": 10,
-        "partition.assignment.strategy": "range",
-        "allow.auto.create.topics": False,
-        "topic.metadata.refresh.interval.ms": 5000,
-        "reconnect.backoff.ms": 50,
-        "reconnect.backoff.max.ms": 1000,
-    }
-    config.update(overrides)
-    return config
+    return client_config(
+        bootstrap_servers,
+        **{
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+            "fetch.wait.max.ms": 20,
+            "fetch.min.bytes": 1,
+            "fetch.error.backoff.ms": 50,
+            "fetch.queue.backoff.ms": 10,
+            "partition.assignment.strategy": "range",
+            "topic.metadata.refresh.interval.ms": 5000,
+            **overrides,
+        },
+    )

@@ -88,7 +88,7 @@ class Stack:
         )
 
     def children(self) -> dict[str, int]:
-        """pid of each supervised child, by role (api, relay, projector-postgres...)."""
+        """pid of each supervised child, by role (api, relay, projector-postgres..., broker)."""
         assert self.process is not None
         found: dict[str, int] = {}
         for entry in Path("/proc").iterdir():
@@ -103,6 +103,9 @@ class Stack:
                 continue
             if b"gunicorn" in cmd:  # `tadpole api` execs gunicorn
                 found["api"] = int(entry.name)
+                continue
+            if Path(cmd[0].decode()).name.startswith("tansu") and cmd[1:2] == [b"broker"]:
+                found["broker"] = int(entry.name)  # the embedded broker, Tansu
                 continue
             if b"service.cli" not in cmd:
                 continue

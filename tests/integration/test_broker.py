@@ -32,7 +32,12 @@ what happens to clients when the memory-only broker restarts empty. Findings:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import re
+import signal
+import socket
 import statistics
 import threading
 import time
@@ -52,7 +57,15 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from streaming.broker import BrokerError, EmbeddedBroker, free_port
+from service.processes import BrokerKeeper
+from streaming.broker import (
+    BrokerError,
+    EmbeddedBroker,
+    broker_reachable,
+    broker_reachable_async,
+    free_port,
+)
+from streaming.clientlog import CLIENT_LOG
 from streaming.topics import (
     AGENT_LIFECYCLE_PARTITIONS,
     WORKLOAD_PARTITIONS,
@@ -187,6 +200,14 @@ def wait_for_assignment(consumer: Consumer, assigned: list[TopicPartition], time
             pytest.fail(f"the consumer got no partitions within {timeout}s")
         message = consumer.poll(0.05)
         assert message is None or message.error() is not None, "a message before assignment"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -693,3 +714,95 @@ def test_stale_producer_collides_with_a_new_one_and_loses_messages_silently(
     assert [error for error, _ in lost] == [None, None]  # "delivered"...
     assert read_partition(bootstrap, catalogue.workload, 0) == [b"new-0", b"new-1", b"new-2"]
     stale.purge()
+
+
+# ---- a broker that dies under `tadpole up` ---------------------------------------------------
+
+
+def test_broker_reachable_follows_the_broker_and_answers_at_once_when_it_is_down(
+    own_broker: EmbeddedBroker,
+) -> None:
+    bootstrap = own_broker.bootstrap_servers
+    assert broker_reachable(bootstrap)
+    assert asyncio.run(broker_reachable_async(bootstrap))
+    dead = f"127.0.0.1:{free_port()}"
+    assert broker_reachable(f"{dead},{bootstrap}")  # the first that answers
+
+    own_broker.stop()
+    started = time.monotonic()
+    assert not broker_reachable(bootstrap)
+    assert not asyncio.run(broker_reachable_async(f"{bootstrap},{dead}"))
+    assert time.monotonic() - started < 0.2  # refused at once, no waiting out the timeout
+    assert not broker_reachable("not a bootstrap string")
+
+    own_broker.start()
+    assert broker_reachable(bootstrap)
+
+
+def test_keeper_restarts_a_killed_broker_on_its_port_with_its_topics_when_the_port_frees(
+    own_broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    bootstrap, port = own_broker.bootstrap_servers, own_broker.port
+    catalogue = TopicCatalogue(f"keep{uuid4().hex[:8]}")
+    clock = FakeClock()
+    keeper = BrokerKeeper(own_broker, catalogue, first_pause=0.25, max_pause=2.0, clock=clock)
+    keeper.check()
+    assert keeper.restarts == 0  # running: nothing to do
+
+    pid = own_broker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not own_broker.running, 10, "the broker to die")
+    holder = socket.socket()  # someone holds the port for a while
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+    caplog.set_level(logging.WARNING, logger="service.processes")
+    try:
+        attempts = []
+        for step in range(60):  # 6 s in steps of 0.1 s
+            clock.now = 100 + step / 10
+            before = len(caplog.records)
+            keeper.check()
+            if any("not back yet" in r.getMessage() for r in caplog.records[before:]):
+                attempts.append(step / 10)
+        # pauses of 0.25, 0.5, 1, 2, 2 s (checked every 0.1 s)
+        assert attempts == [0.0, 0.3, 0.8, 1.8, 3.8, 5.8], attempts
+        assert "exited with -9" in caplog.text
+        assert not own_broker.running
+    finally:
+        holder.close()
+
+    clock.now += 2.0
+    keeper.check()
+    assert keeper.restarts == 1
+    assert own_broker.running and own_broker.bootstrap_servers == bootstrap
+    assert set(catalogue.all_topics) <= topic_names(bootstrap)
+    assert broker_reachable(bootstrap)
+    keeper.check()
+    assert keeper.restarts == 1
+
+
+def test_client_configs_hold_back_repeated_refused_connection_lines() -> None:
+    """librdkafka tries a dead broker every 250 ms (and logged it, 40 a second at 50 ms)."""
+    lines = ClientLog()
+    CLIENT_LOG.addHandler(lines)
+    level, CLIENT_LOG.level = CLIENT_LOG.level, logging.DEBUG
+    consumer = Consumer(consumer_config(f"127.0.0.1:{free_port()}", f"dead-{uuid4().hex}"))
+    consumer.subscribe(["nowhere"])
+
+    def refused() -> list[str]:
+        return [r.getMessage() for r in lines.records if "Connection refused" in r.getMessage()]
+
+    try:
+        deadline = time.monotonic() + 15
+        while not any("more like it" in line for line in refused()):
+            assert time.monotonic() < deadline, refused()
+            consumer.poll(0.05)
+    finally:
+        consumer.close()
+        CLIENT_LOG.removeHandler(lines)
+        CLIENT_LOG.setLevel(level)
+    assert len(refused()) == 2, refused()
+    held = int(re.search(r"\((\d+) more like it", refused()[1]).group(1))  # type: ignore[union-attr]
+    assert held >= 10  # about 2 tries a second for each broker it knows, for 5 s
