@@ -25,7 +25,8 @@ from service.recorder import AsyncAppender
 from service.settings import Settings, load_settings
 from service.wiring import configure_logging, open_store
 from service.writer import GroupCommitWriter
-from streaming.health import PipelineStatus, reachable
+from streaming.broker import broker_reachable
+from streaming.health import PipelineStatus
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def build_app(
         spot_ids=lambda: [],
         degraded_lag=settings.degraded_lag,
         broker_up=(
-            (lambda: reachable(settings.kafka_bootstrap_servers))
+            (lambda: broker_reachable(settings.kafka_bootstrap_servers))
             if settings.kafka_bootstrap_servers
             else None
         ),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -66,15 +65,3 @@ class PipelineStatus:
                     seconds = max(0.0, (now - created).total_seconds())
             out.append(StageStatus(name, position, behind, round(seconds, 3), letters.get(name, 0)))
         return last, out
-
-
-def reachable(bootstrap_servers: str, timeout: float = 0.5) -> bool:
-    """Whether any of the brokers accepts a TCP connection (cheap: no Kafka client)."""
-    for server in bootstrap_servers.split(","):
-        host, _, port = server.strip().rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
