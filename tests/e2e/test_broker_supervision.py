@@ -117,6 +117,10 @@ def test_a_killed_broker_comes_back_on_its_port_and_commands_flow_again(make_sta
             status, created = http("POST", stack.base + "/api/v1/jobs", sweep(1))
             assert status == 201
             job_id = created["jobId"]
+            # Health says so while it is down.
+            status, health = http("GET", stack.base + "/api/v1/health")
+            assert (status, health["status"], health["broker"]) == (200, "degraded", "down")
+            assert "the broker is down" in health["problems"]
             wait_for(
                 lambda: (
                     time.monotonic() - killed >= DOWN_FOR
@@ -140,6 +144,12 @@ def test_a_killed_broker_comes_back_on_its_port_and_commands_flow_again(make_sta
         # the two projectors' consumers have the same name: one name, two clients
         assert refused and max(refused.values()) <= 2 * (seconds / 5 + 1), refused
         assert len(down) / seconds < 3.0, "\n".join(down)
+
+        wait_for(
+            lambda: http("GET", stack.base + "/api/v1/health")[1]["broker"] == "connected",
+            30,
+            "health to see the broker back",
+        )
 
         # New commands go through Kafka to both read models.
         spot = http("POST", stack.base + "/internal/v1/hello", {"ipAddress": "10.0.0.9"})[1]
