@@ -53,6 +53,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "store an unchanged spot's heartbeat at most this often (seconds)",
     ),
     "TADPOLE_READ_WAIT": ("1.0", "seconds a query waits for the read model to reach the writer"),
+    "TADPOLE_COMMAND_TIMEOUT": (
+        "2",
+        "seconds a command may wait to be decided and stored before it is answered 503",
+    ),
     "TADPOLE_LOG_LEVEL": ("INFO", "logging level"),
 }
 
@@ -79,6 +83,7 @@ class Settings:
     spot_timeout: float = 10.0
     heartbeat_store_interval: float = 5.0
     read_wait: float = 1.0
+    command_timeout: float = 2.0
     log_level: str = "INFO"
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -106,6 +111,7 @@ class Settings:
             "TADPOLE_SPOT_TIMEOUT": str(self.spot_timeout),
             "TADPOLE_HEARTBEAT_STORE_INTERVAL": str(self.heartbeat_store_interval),
             "TADPOLE_READ_WAIT": str(self.read_wait),
+            "TADPOLE_COMMAND_TIMEOUT": str(self.command_timeout),
             "TADPOLE_LOG_LEVEL": self.log_level,
         }
 
@@ -155,5 +161,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         spot_timeout=_number(env, "TADPOLE_SPOT_TIMEOUT", float),
         heartbeat_store_interval=_number(env, "TADPOLE_HEARTBEAT_STORE_INTERVAL", float),
         read_wait=_number(env, "TADPOLE_READ_WAIT", float),
+        command_timeout=_number(env, "TADPOLE_COMMAND_TIMEOUT", float),
         log_level=text("TADPOLE_LOG_LEVEL").upper(),
     )

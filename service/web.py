@@ -105,8 +105,10 @@ class Lifespan:
         store: TadpoleStore = await asyncio.to_thread(open_store, s)
         processor = CommandProcessor(StorePort(store), s.max_attempts, s.heartbeat_store_interval)
         await asyncio.to_thread(processor.recover, datetime.now(UTC))
-        appender = AsyncAppender(store, s.database_url)
-        writer = GroupCommitWriter(processor, append=appender.append)
+        appender = AsyncAppender(store, s.database_url, timeout=s.command_timeout)
+        writer = GroupCommitWriter(
+            processor, append=appender.append, timeout=s.command_timeout, probe=appender.ping
+        )
         writer.start()
         self.ctx.writer = writer
         self.ctx.audit = AuditLog(store)

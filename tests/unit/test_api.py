@@ -79,7 +79,7 @@ class DirectWriter:
         self.processor = processor
         self.submitted: list[Command] = []
 
-    async def submit(self, command: Command) -> Result:
+    async def submit(self, command: Command, disconnected: Any = None) -> Result:
         self.submitted.append(command)
         try:
             (result,) = self.processor.process([command], datetime.now(UTC))
@@ -1259,7 +1259,7 @@ def test_store_failure_on_a_worker_request_is_503(api: Api) -> None:
 
 
 def test_writer_raising_store_unavailable_is_503(api: Api) -> None:
-    async def refuse(command: Command) -> Result:
+    async def refuse(command: Command, disconnected: Any = None) -> Result:
         raise StoreUnavailableError("connection refused")
 
     api.writer.submit = refuse  # type: ignore[method-assign]
