@@ -162,12 +162,14 @@ class AsyncAppender:
         task = asyncio.ensure_future(work)
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.CancelledError) as stopped:
             self.conn = None  # the next call connects afresh, not behind the stuck one
             task.cancel()
             self._abandoned.add(task)
             task.add_done_callback(self._forget)
-            raise TimeoutError(f"the database did not answer within {self.timeout}s") from None
+            if isinstance(stopped, TimeoutError):
+                raise TimeoutError(f"the database did not answer within {self.timeout}s") from None
+            raise
 
     def _forget(self, task: asyncio.Task[Any]) -> None:
         self._abandoned.discard(task)

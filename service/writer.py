@@ -86,6 +86,8 @@ class GroupCommitWriter:
         self.versions: dict[UUID, int] = {}
         self.batches = 0
         self.commands = 0
+        #: Commands of the batch being stored (0: none is).
+        self.storing = 0
 
     @property
     def ready(self) -> bool:
@@ -233,6 +235,7 @@ class GroupCommitWriter:
             _withdraw(future, f"the event store is unreachable: {error}")
 
     async def _store(self, batch: list[_Queued], decided: Decided) -> None:
+        self.storing = len(batch)
         try:
             if self.append is None:
                 await asyncio.to_thread(self.processor.store_decided, decided)
@@ -243,6 +246,8 @@ class GroupCommitWriter:
             self._last_failed = True
             self._fail(batch, error)
             return
+        finally:
+            self.storing = 0
         self._last_failed = False
         self.versions.update(decided.versions)
         self.batches += 1
