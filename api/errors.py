@@ -23,7 +23,7 @@ from domain.commands import (
     SpotRegistered,
 )
 from domain.tasks import Outcome
-from service.writer import StoreUnavailableError
+from service.writer import OutcomeUnknownError, StoreUnavailableError
 
 
 def answer(resp: falcon.asgi.Response, result: Result, *, failing: bool = False) -> None:
@@ -79,10 +79,11 @@ def serialize_error(
 async def store_unavailable(
     req: falcon.asgi.Request, resp: falcon.asgi.Response, error: Exception, params: object
 ) -> None:
-    raise falcon.HTTPServiceUnavailable(
-        description="the event store is unavailable; nothing was written, retry shortly",
-        retry_after=1,
-    )
+    if isinstance(error, OutcomeUnknownError):
+        description = "the event store did not confirm in time; the command may have been stored"
+    else:
+        description = "the event store is unavailable; nothing was written, retry shortly"
+    raise falcon.HTTPServiceUnavailable(description=description, retry_after=1)
 
 
 async def read_model_unavailable(

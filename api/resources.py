@@ -37,7 +37,9 @@ MAX_RESULT_JSON = 64 * 1024
 
 
 class Writer(Protocol):
-    async def submit(self, command: Command) -> Result: ...
+    async def submit(
+        self, command: Command, disconnected: Callable[[], Awaitable[object]] | None = None
+    ) -> Result: ...
 
     def known_versions(self, uuids: Any) -> dict[UUID, int]: ...
 
@@ -93,6 +95,26 @@ class ApiContext:
     degraded_lag: float = 10.0
     #: Raises unless the event store answers.
     store_ping: Callable[[], Awaitable[None]] | None = None
+
+
+async def submit(ctx: ApiContext, req: falcon.asgi.Request, command: Command) -> Result:
+    """Hand ``command`` to the writer, which drops it if the client leaves while it is queued."""
+    return await ctx.writer.submit(command, _disconnected(req))
+
+
+def _disconnected(req: falcon.asgi.Request) -> Callable[[], Awaitable[object]]:
+    """Returns when the client has gone (the ASGI ``http.disconnect`` event).
+
+    Falcon reads the body through the ASGI ``receive``, which it keeps to itself;
+    once the body is read, the next event ``receive`` gives is the disconnect.
+    """
+    receive = req._receive
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return disconnected
 
 
 def _job_uuid(job_id: str) -> UUID:
@@ -212,7 +234,7 @@ class Jobs:
         except SweepError as error:
             raise falcon.HTTPBadRequest(description=str(error)) from None
         key = v.header(req, "Idempotency-Key", max_len=255)
-        answer(resp, await self.ctx.writer.submit(CreateJob(sweep, key)))
+        answer(resp, await submit(self.ctx, req, CreateJob(sweep, key)))
 
     async def on_get_one(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, job_id: str
@@ -285,7 +307,7 @@ class Hellos:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         body = await v.json_body(req)
         ip = v.text(body, "ipAddress", max_len=255)
-        answer(resp, await self.ctx.writer.submit(Hello(str(ip))))
+        answer(resp, await submit(self.ctx, req, Hello(str(ip))))
 
 
 class Heartbeats:
@@ -301,7 +323,7 @@ class Heartbeats:
             running_tasks=v.integer(body, "runningTasks", required=False, low=0),
             total_cores=v.integer(body, "totalCores", required=False, low=0),
         )
-        answer(resp, await self.ctx.writer.submit(command))
+        answer(resp, await submit(self.ctx, req, command))
 
 
 class Claims:
@@ -314,7 +336,7 @@ class Claims:
         max_tasks = int(
             v.integer(body, "maxTasks", required=False, low=1, high=100, default=1) or 1
         )
-        answer(resp, await self.ctx.writer.submit(ClaimTasks(spot, max_tasks)))
+        answer(resp, await submit(self.ctx, req, ClaimTasks(spot, max_tasks)))
 
 
 class TaskReports:
@@ -334,7 +356,7 @@ class TaskReports:
             fopt=v.number(body, "fopt"),
             result_json=v.text(body, "resultJson", required=False, max_len=MAX_RESULT_JSON),
         )
-        answer(resp, await self.ctx.writer.submit(command))
+        answer(resp, await submit(self.ctx, req, command))
 
     async def on_post_fail(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, task_id: str
@@ -347,7 +369,7 @@ class TaskReports:
             error=str(v.text(body, "error", required=False, max_len=8192, default="")),
             retriable=v.boolean(body, "retriable", default=True),
         )
-        answer(resp, await self.ctx.writer.submit(command), failing=True)
+        answer(resp, await submit(self.ctx, req, command), failing=True)
 
 
 class AuditEvents:

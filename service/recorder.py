@@ -21,8 +21,10 @@ are the library's, unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import asyncio
+import math
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
@@ -32,6 +34,8 @@ from psycopg.sql import SQL, Identifier, Literal
 
 #: ``APPLICATION_RECORDER_TOPIC`` for ``eventsourcing``: this recorder.
 TOPIC = f"{__name__}:OneTripRecorder"
+
+_T = TypeVar("_T")
 
 
 class OneTripRecorder(PostgresApplicationRecorder):
@@ -91,16 +95,23 @@ class AsyncAppender:
     loop costs neither, and the loop serves HTTP while PostgreSQL works. Events
     are transcoded by the store's own mapper, exactly as
     :meth:`eventsourcing.application.Application.save` would.
+
+    Every call answers within ``timeout`` seconds, connecting included: past it,
+    it raises :class:`TimeoutError` and leaves the connection behind (psycopg
+    asks the server to cancel the statement and closes it in the background,
+    which can take seconds more when the server is out of reach).
     """
 
-    def __init__(self, store: Any, conninfo: str):
+    def __init__(self, store: Any, conninfo: str, timeout: float = 10.0):
         recorder = store.recorder
         if not isinstance(recorder, OneTripRecorder):
             raise TypeError("AsyncAppender needs the store's OneTripRecorder")
         self.recorder = recorder
         self.mapper = store.mapper
         self.conninfo = conninfo
+        self.timeout = timeout
         self.conn: psycopg.AsyncConnection[Any] | None = None
+        self._abandoned: set[asyncio.Task[Any]] = set()
 
     async def append(self, events: Sequence[Any]) -> list[int]:
         """Store ``events`` atomically; their notification ids.
@@ -112,23 +123,65 @@ class AsyncAppender:
         reloads from the store.
         """
         params = _columns([self.mapper.to_stored_event(e) for e in events])
+        return await self._bounded(self._append(params))
+
+    async def ping(self) -> None:
+        """Return when the database answers; raise when it cannot be reached in time."""
+        await self._bounded(self._ping())
+
+    async def _append(self, params: tuple[list[Any], ...]) -> list[int]:
         for attempt in (1, 2):
+            conn = await self._connection()
             try:
-                conn = await self._connection()
                 cursor = await conn.execute(self.recorder.append_statement, params, prepare=True)
                 return [row[0] for row in await cursor.fetchall()]
             except (psycopg.OperationalError, psycopg.InterfaceError):
-                await self.close()
+                await self._drop(conn)
                 if attempt == 2:
                     raise
+            except BaseException:  # cancelled past the deadline: the connection is spent
+                await self._drop(conn)
+                raise
         raise AssertionError("unreachable")
+
+    async def _ping(self) -> None:
+        conn = await self._connection()
+        try:
+            await conn.execute("SELECT 1")
+        except BaseException:
+            await self._drop(conn)
+            raise
+
+    async def _bounded(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Await ``work`` for at most ``timeout`` seconds.
+
+        On a timeout ``work`` is cancelled but not waited for: psycopg's cleanup
+        of a cancelled statement (a cancel request, then a wait for the server)
+        is itself unbounded when the server is out of reach.
+        """
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.timeout)
+        except (TimeoutError, asyncio.CancelledError) as stopped:
+            self.conn = None  # the next call connects afresh, not behind the stuck one
+            task.cancel()
+            self._abandoned.add(task)
+            task.add_done_callback(self._forget)
+            if isinstance(stopped, TimeoutError):
+                raise TimeoutError(f"the database did not answer within {self.timeout}s") from None
+            raise
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: it was already reported as the timeout
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self.conn is None or self.conn.closed:
             self.conn = await psycopg.AsyncConnection.connect(
                 self.conninfo,
                 autocommit=True,
-                connect_timeout=10,
+                connect_timeout=max(2, math.ceil(self.timeout)),  # libpq's least is 2
                 keepalives=1,
                 keepalives_idle=10,
                 keepalives_interval=5,
@@ -136,7 +189,14 @@ class AsyncAppender:
             )
         return self.conn
 
+    async def _drop(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self.conn is conn:
+            self.conn = None
+        await conn.close()
+
     async def close(self) -> None:
+        for task in list(self._abandoned):
+            task.cancel()
         if self.conn is not None:
             await self.conn.close()
             self.conn = None

@@ -65,6 +65,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "10",
         "seconds a client may take to send a whole request; then 408 and the connection is closed",
     ),
+    "TADPOLE_COMMAND_TIMEOUT": (
+        "2",
+        "seconds a command may wait to be decided and stored before it is answered 503",
+    ),
     "TADPOLE_LOG_LEVEL": ("INFO", "logging level"),
 }
 
@@ -94,6 +98,7 @@ class Settings:
     read_wait: float = 1.0
     degraded_lag: float = 10.0
     body_timeout: float = 10.0
+    command_timeout: float = 2.0
     log_level: str = "INFO"
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -124,6 +129,7 @@ class Settings:
             "TADPOLE_READ_WAIT": str(self.read_wait),
             "TADPOLE_DEGRADED_LAG": str(self.degraded_lag),
             "TADPOLE_BODY_TIMEOUT": str(self.body_timeout),
+            "TADPOLE_COMMAND_TIMEOUT": str(self.command_timeout),
             "TADPOLE_LOG_LEVEL": self.log_level,
         }
 
@@ -176,5 +182,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         read_wait=_number(env, "TADPOLE_READ_WAIT", float),
         degraded_lag=_number(env, "TADPOLE_DEGRADED_LAG", float),
         body_timeout=_number(env, "TADPOLE_BODY_TIMEOUT", float),
+        command_timeout=_number(env, "TADPOLE_COMMAND_TIMEOUT", float),
         log_level=text("TADPOLE_LOG_LEVEL").upper(),
     )

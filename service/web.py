@@ -94,6 +94,19 @@ class Reapers:
             await self.conn.close()
 
 
+def build_writer(
+    store: TadpoleStore, processor: CommandProcessor, settings: Settings
+) -> tuple[GroupCommitWriter, AsyncAppender]:
+    """The single writer, appending on the event loop, every command bounded by
+    ``TADPOLE_COMMAND_TIMEOUT``; the appender also probes a store that went down."""
+    timeout = settings.command_timeout
+    appender = AsyncAppender(store, settings.database_url, timeout=timeout)
+    writer = GroupCommitWriter(
+        processor, append=appender.append, timeout=timeout, probe=appender.ping
+    )
+    return writer, appender
+
+
 class Lifespan:
     """Falcon middleware that builds and tears down the process's connections."""
 
@@ -107,8 +120,7 @@ class Lifespan:
         store: TadpoleStore = await asyncio.to_thread(open_store, s)
         processor = CommandProcessor(StorePort(store), s.max_attempts, s.heartbeat_store_interval)
         await asyncio.to_thread(processor.recover, datetime.now(UTC))
-        appender = AsyncAppender(store, s.database_url)
-        writer = GroupCommitWriter(processor, append=appender.append)
+        writer, appender = build_writer(store, processor, s)
         writer.start()
         self.ctx.writer = writer
         self.ctx.audit = AuditLog(store)
@@ -117,11 +129,7 @@ class Lifespan:
         )
         self.ctx.spot_ids = lambda: list(processor.spots)
         self.ctx.pipeline = PipelineStatus(store)
-
-        async def store_ping() -> None:
-            await asyncio.to_thread(store.max_position)
-
-        self.ctx.store_ping = store_ping
+        self.ctx.store_ping = appender.ping  # bounded by the command timeout
         await self.ctx.postgres.open()
         reapers = Reapers(s, writer)
         await reapers.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from urllib.parse import unquote, urlparse
 
 import psycopg
@@ -28,7 +29,10 @@ def store_env(settings: Settings) -> dict[str, str]:
         "POSTGRES_PASSWORD": unquote(url.password or ""),
         "POSTGRES_SCHEMA": settings.store_schema,
         "POSTGRES_POOL_SIZE": "4",
-        "POSTGRES_CONNECT_TIMEOUT": "10",
+        # How long a read waits for a pooled connection (the library retries it ten
+        # times): bounded by the command timeout, so that a reload or a load on an
+        # unreachable store gives up in seconds, not minutes.
+        "POSTGRES_CONNECT_TIMEOUT": str(max(1, math.ceil(settings.command_timeout))),
         "CREATE_TABLE": "y",
     }
 

@@ -2,9 +2,18 @@
 
 Request handlers ``await writer.submit(command)``. One task takes everything
 queued, has the :class:`~domain.commands.CommandProcessor` decide it (in memory,
-on the event loop) and store it as one transaction (in a worker thread), then
-answers every handler. While a batch is being stored the next one gathers, so
-the batch grows with the load.
+on the event loop) and store it as one transaction, then answers every handler.
+While a batch is being stored the next one gathers, so the batch grows with the
+load.
+
+Every command is answered within about ``timeout`` seconds, and a command whose
+caller stopped waiting is never decided. A command still queued at its deadline,
+or whose client went away, is answered 503 (:class:`StoreUnavailableError`) and
+dropped from the queue: deciding it later would, say, hand out tasks nobody
+receives. A batch already being stored is bounded by the appender's own timeout.
+When the store refuses a batch the writer reloads from the store before the next
+one; while it cannot (the store is down) every command is answered 503 at once,
+and the writer probes the store with a growing pause until it is back.
 """
 
 from __future__ import annotations
@@ -22,79 +31,211 @@ from domain.commands import Command, CommandProcessor, Decided, Result
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
+#: Seconds a request waits before its client's disconnect is watched for: most
+#: commands are answered well within it, and then no watcher is ever started.
+WATCH_AFTER = 0.05
+#: First and longest pause between two attempts to reach a store that is down.
+RETRY_FIRST, RETRY_MAX = 0.2, 2.0
 
 
 class StoreUnavailableError(RuntimeError):
-    """The event store refused the batch; nothing of it was stored (503)."""
+    """The command was not stored: the store refused it or could not be reached in time (503)."""
+
+
+class OutcomeUnknownError(StoreUnavailableError):
+    """The store did not confirm the batch in time: it may or may not have been stored (503)."""
 
 
 #: Stores a batch's events atomically (its notification ids), on the event loop.
 Append = Callable[[Sequence[Any]], Awaitable[list[int]]]
+#: Returns when the store answers; raises when it cannot be reached.
+Probe = Callable[[], Awaitable[None]]
+#: Returns when the client that sent a command is gone.
+Disconnected = Callable[[], Awaitable[object]]
+
+_Queued = tuple[Command, "asyncio.Future[Result]", float]  # command, answer, deadline
 
 
 class GroupCommitWriter:
-    def __init__(self, processor: CommandProcessor, append: Append | None = None):
+    def __init__(
+        self,
+        processor: CommandProcessor,
+        append: Append | None = None,
+        *,
+        timeout: float = 2.0,
+        probe: Probe | None = None,
+    ):
         """``append``, when given, stores the events without leaving the event loop
         (:class:`service.recorder.AsyncAppender`); without it the processor's own
-        store is used, in a worker thread."""
+        store is used, in a worker thread. ``probe`` checks the store is reachable
+        before the writer reloads from it; ``timeout`` is how long a command may
+        wait in the queue."""
         self.processor = processor
         self.append = append
-        self._pending: list[tuple[Command, asyncio.Future[Result]]] = []
+        self.probe = probe
+        self.timeout = timeout
+        self._pending: list[_Queued] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Future[Any]] = set()
+        #: Since when the store has been unreachable (None: it is not known to be).
+        self.down_since: datetime | None = None
+        self._last_failed = False
         #: Versions of the aggregates this writer stored, for read-your-writes.
         self.versions: dict[UUID, int] = {}
         self.batches = 0
         self.commands = 0
+        #: Commands of the batch being stored (0: none is).
+        self.storing = 0
+
+    @property
+    def ready(self) -> bool:
+        """True when the processor holds the store's state and the last store operation
+        succeeded: commands are being decided and stored (for ``GET /ready``)."""
+        return not (self._last_failed or self.processor.needs_recovery)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="group-commit")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._background]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._expiry is not None:
+            self._expiry.cancel()
 
-    async def submit(self, command: Command) -> Result:
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending.append((command, future))
+    async def submit(self, command: Command, disconnected: Disconnected | None = None) -> Result:
+        """Decide and store ``command``; its result.
+
+        Raises :class:`StoreUnavailableError` at once while the store is down, and
+        when the command is still queued at its deadline or ``disconnected()``
+        returns first (then it is never decided).
+        """
+        if self.down_since is not None:
+            raise StoreUnavailableError(f"the event store is unreachable since {self.down_since}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        deadline = loop.time() + self.timeout
+        self._pending.append((command, future, deadline))
+        if self._expiry is None:  # one timer for the whole queue: it is in deadline order
+            self._expiry = loop.call_at(deadline, self._expire)
         self._wake.set()
-        return await future
-
-    @property
-    def ready(self) -> bool:
-        """Recovered from the store; false from a refused batch until the next recovery."""
-        return not self.processor.needs_recovery
+        if disconnected is None:
+            return await future
+        watch = loop.call_later(WATCH_AFTER, self._watch, future, disconnected)
+        try:
+            return await future
+        finally:
+            watch.cancel()
 
     def known_versions(self, uuids: Iterable[UUID]) -> dict[UUID, int]:
         return {u: self.versions[u] for u in uuids if u in self.versions}
 
+    # ---- the queue -----------------------------------------------------------------
+
+    def _expire(self) -> None:
+        """Answer the queued commands whose deadline passed; arm for the next one."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        expired = 0
+        for _, future, deadline in self._pending:
+            if deadline > now:
+                break
+            _withdraw(future, "the command was not decided in time")
+            expired += 1
+        del self._pending[:expired]
+        self._expiry = loop.call_at(self._pending[0][2], self._expire) if self._pending else None
+
+    def _watch(self, future: asyncio.Future[Result], disconnected: Disconnected) -> None:
+        async def watch() -> None:
+            await disconnected()
+            _withdraw(future, "the client went away before its command was decided")
+
+        task = self._keep(watch())
+        future.add_done_callback(lambda _: task.cancel())
+
+    def _keep(self, work: Awaitable[None]) -> asyncio.Future[None]:
+        """Run ``work`` in the background, holding on to it until it ends."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _take(self) -> list[_Queued]:
+        """The next batch: queued commands still awaited and within their deadline."""
+        chunk = self._pending[:MAX_BATCH]
+        del self._pending[:MAX_BATCH]
+        now = asyncio.get_running_loop().time()
+        batch = []
+        for queued in chunk:
+            if queued[1].done():  # withdrawn: expired, or its client went away
+                continue
+            if queued[2] <= now:  # the loop was too busy for the expiry timer
+                _withdraw(queued[1], "the command was not decided in time")
+                continue
+            batch.append(queued)
+        return batch
+
+    # ---- the writer's task ---------------------------------------------------------
+
     async def _run(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch = self._pending[:MAX_BATCH]
-                del self._pending[:MAX_BATCH]
-                try:
-                    if self.processor.needs_recovery:
-                        await asyncio.to_thread(self.processor.recover, datetime.now(UTC))
-                    # Deciding is in-memory work on the open aggregates: done right here,
-                    # it costs no thread hand-off and no fight for the GIL with this loop.
-                    decided = self.processor.decide([c for c, _ in batch], datetime.now(UTC))
-                except Exception as error:
-                    log.exception("deciding a batch failed")
-                    self._fail(batch, error)
-                    continue
-                # One batch at a time: the next one gathers while this one is stored.
-                # (Deciding the next batch during this save was measured slower: it
-                # made every request wait for two saves instead of one.)
-                await self._store(batch, decided)
+            if self.processor.needs_recovery:
+                await self._recover()
+            if not self._pending:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                # Deciding is in-memory work on the open aggregates: done right here,
+                # it costs no thread hand-off and no fight for the GIL with this loop.
+                decided = self.processor.decide([c for c, _, _ in batch], datetime.now(UTC))
+            except Exception as error:
+                log.exception("deciding a batch failed")
+                self.processor.invalidate()  # it may have changed aggregates half-way
+                self._fail(batch, error)
+                continue
+            # One batch at a time: the next one gathers while this one is stored.
+            # (Deciding the next batch during this save was measured slower: it
+            # made every request wait for two saves instead of one.)
+            await self._store(batch, decided)
 
-    async def _store(
-        self, batch: list[tuple[Command, asyncio.Future[Result]]], decided: Decided
-    ) -> None:
+    async def _recover(self) -> None:
+        """Reload the processor from the store; while it is down, retry with a growing pause."""
+        pause = RETRY_FIRST
+        while True:
+            try:
+                if self.probe is not None:  # bounded, unlike the reload's own connects
+                    await self.probe()
+                await asyncio.to_thread(self.processor.recover, datetime.now(UTC))
+            except Exception as error:
+                self._store_down(error)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RETRY_MAX)
+                continue
+            if self.down_since is not None:
+                log.warning("the event store is back (down since %s)", self.down_since)
+            self.down_since = None
+            self._last_failed = False
+            return
+
+    def _store_down(self, error: Exception) -> None:
+        self._last_failed = True
+        if self.down_since is None:
+            self.down_since = datetime.now(UTC)
+            log.error("the event store is unreachable, answering 503 until it is back: %s", error)
+        queued, self._pending = self._pending, []
+        for _, future, _ in queued:
+            _withdraw(future, f"the event store is unreachable: {error}")
+
+    async def _store(self, batch: list[_Queued], decided: Decided) -> None:
+        self.storing = len(batch)
         try:
             if self.append is None:
                 await asyncio.to_thread(self.processor.store_decided, decided)
@@ -102,12 +243,16 @@ class GroupCommitWriter:
                 await self._append(decided)
         except Exception as error:
             log.exception("the event store refused a batch of %d commands", len(batch))
+            self._last_failed = True
             self._fail(batch, error)
             return
+        finally:
+            self.storing = 0
+        self._last_failed = False
         self.versions.update(decided.versions)
         self.batches += 1
         self.commands += len(batch)
-        for (_, future), result in zip(batch, decided.results, strict=True):
+        for (_, future, _), result in zip(batch, decided.results, strict=True):
             if not future.done():
                 future.set_result(result)
 
@@ -119,10 +264,18 @@ class GroupCommitWriter:
             self.processor.invalidate()
             raise
         if decided.snapshots:  # rare (every 100 events of an aggregate), best effort
-            await asyncio.to_thread(self.processor.store.save, [], decided.snapshots)
+            saving = self._keep(asyncio.to_thread(self.processor.store.save, [], decided.snapshots))
+            # Not waited for past the deadline: the reload's connects are not bounded.
+            await asyncio.wait([saving], timeout=self.timeout)
 
     @staticmethod
-    def _fail(batch: list[tuple[Command, asyncio.Future[Result]]], error: Exception) -> None:
-        for _, future in batch:
+    def _fail(batch: list[_Queued], error: Exception) -> None:
+        kind = OutcomeUnknownError if isinstance(error, TimeoutError) else StoreUnavailableError
+        for _, future, _ in batch:
             if not future.done():
-                future.set_exception(StoreUnavailableError(str(error)))
+                future.set_exception(kind(str(error) or type(error).__name__))
+
+
+def _withdraw(future: asyncio.Future[Result], why: str) -> None:
+    if not future.done():
+        future.set_exception(StoreUnavailableError(why))

@@ -81,7 +81,7 @@ class DirectWriter:
         self.submitted: list[Command] = []
         self.ready = True
 
-    async def submit(self, command: Command) -> Result:
+    async def submit(self, command: Command, disconnected: Any = None) -> Result:
         self.submitted.append(command)
         try:
             (result,) = self.processor.process([command], datetime.now(UTC))
@@ -1433,7 +1433,7 @@ def test_store_failure_on_a_worker_request_is_503(api: Api) -> None:
 
 
 def test_writer_raising_store_unavailable_is_503(api: Api) -> None:
-    async def refuse(command: Command) -> Result:
+    async def refuse(command: Command, disconnected: Any = None) -> Result:
         raise StoreUnavailableError("connection refused")
 
     api.writer.submit = refuse  # type: ignore[method-assign]

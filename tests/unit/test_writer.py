@@ -1,13 +1,36 @@
-"""The group-commit writer with an appender on the event loop (the API's hot path)."""
+"""The group-commit writer with a fake appender on the event loop (the API's hot path)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from domain.commands import CommandProcessor, Heartbeat, Hello, Ok, SpotRegistered
+import pytest
+
+from domain.commands import (
+    Claimed,
+    ClaimTasks,
+    CommandProcessor,
+    CreateJob,
+    Heartbeat,
+    Hello,
+    JobCreated,
+    Ok,
+    SpotRegistered,
+)
 from domain.store import StorePort, TadpoleStore, memory_env
-from service.writer import GroupCommitWriter
+from domain.sweeps import Range, Sweep
+from domain.tasks import TaskBlock
+from service.writer import (
+    RETRY_FIRST,
+    GroupCommitWriter,
+    OutcomeUnknownError,
+    StoreUnavailableError,
+)
 
 
 class SnapshotsFail(StorePort):
@@ -49,3 +72,175 @@ async def test_a_refused_snapshot_does_not_fail_a_stored_batch() -> None:
         assert spot.version == 101
     finally:
         await writer.stop()
+
+
+# ---- deadlines, departed clients and a store that is down -------------------------------
+
+SWEEP = Sweep("/a.jar", "M", ("PSO",), Range(1, 5, 1), Range(1, 1, 1), Range(1, 1, 1))
+
+
+class FakeStore:
+    """An appender and a probe over an in-memory store that a test can hold or take down."""
+
+    def __init__(self, store: TadpoleStore):
+        self.store = store
+        self.open = asyncio.Event()
+        self.open.set()
+        self.error: Exception | None = None
+        self.appended: list[Any] = []
+        self.probes: list[float] = []
+        self.held = 0
+
+    async def append(self, events: Sequence[Any]) -> list[int]:
+        if not self.open.is_set():
+            self.held += 1
+            await self.open.wait()
+        if self.error is not None:
+            raise self.error
+        self.appended.extend(events)
+        return [r.notification.id for r in self.store.save(*events)]
+
+    async def probe(self) -> None:
+        self.probes.append(asyncio.get_running_loop().time())
+        if self.error is not None:
+            raise self.error
+
+
+async def until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
+    """Wait for ``predicate`` on the event loop; fail the test at the deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def spot_job() -> AsyncIterator[tuple[GroupCommitWriter, FakeStore, str]]:
+    """A started writer (0.3 s command timeout) with a spot and a job of five NEW tasks."""
+    store = TadpoleStore(memory_env())
+    fake = FakeStore(store)
+    processor = CommandProcessor(StorePort(store), 3, 5.0)
+    processor.recover(datetime.now(UTC))
+    writer = GroupCommitWriter(processor, append=fake.append, timeout=0.3, probe=fake.probe)
+    writer.start()
+    hello = await writer.submit(Hello("10.0.0.1"))
+    assert isinstance(hello, SpotRegistered)
+    assert isinstance(await writer.submit(CreateJob(SWEEP)), JobCreated)
+    try:
+        yield writer, fake, hello.spot_id
+    finally:
+        await writer.stop()
+
+
+def claimed(fake: FakeStore) -> list[Any]:
+    return [e for e in fake.appended if isinstance(e, TaskBlock.Claimed)]
+
+
+def new_tasks(writer: GroupCommitWriter) -> int:
+    return sum(b.new_count() for b in writer.processor.blocks.values())
+
+
+async def test_a_command_still_queued_at_its_deadline_is_answered_503_and_never_decided(
+    spot_job: tuple[GroupCommitWriter, FakeStore, str],
+) -> None:
+    writer, fake, spot = spot_job
+    fake.open.clear()  # the store hangs: the next batch is stuck being stored
+    stuck = asyncio.ensure_future(writer.submit(Heartbeat(spot, cpu_load=0.5)))
+    await until(lambda: fake.held, 5, "the heartbeat's batch to be held")
+    with pytest.raises(StoreUnavailableError) as refused:
+        # Queued behind it until its deadline (the bound only keeps a broken writer from hanging).
+        await asyncio.wait_for(writer.submit(ClaimTasks(spot, 5)), 5)
+    assert not isinstance(refused.value, OutcomeUnknownError)  # nothing of it was stored
+    fake.open.set()
+    assert isinstance(await stuck, Ok)  # the batch in flight is answered when it is stored
+    assert isinstance(await writer.submit(Heartbeat(spot, cpu_load=0.6)), Ok)
+    assert claimed(fake) == [] and new_tasks(writer) == 5
+
+
+async def test_a_command_found_past_its_deadline_when_the_batch_is_taken_is_not_decided(
+    spot_job: tuple[GroupCommitWriter, FakeStore, str],
+) -> None:
+    writer, fake, spot = spot_job
+    claim = asyncio.ensure_future(writer.submit(ClaimTasks(spot, 5)))
+    await asyncio.sleep(0)  # the claim is queued and the writer woken
+    # Something holds the event loop past the deadline (a slow load, say): the writer
+    # then runs before the expiry timer does.
+    time.sleep(writer.timeout + 0.05)
+    with pytest.raises(StoreUnavailableError, match="not decided in time"):
+        await asyncio.wait_for(claim, 5)
+    assert claimed(fake) == [] and new_tasks(writer) == 5
+
+
+async def test_a_command_whose_client_went_away_while_queued_is_never_decided(
+    spot_job: tuple[GroupCommitWriter, FakeStore, str],
+) -> None:
+    writer, fake, spot = spot_job
+    writer.timeout = 30.0  # only the departure can withdraw it
+    fake.open.clear()
+    stuck = asyncio.ensure_future(writer.submit(Heartbeat(spot, cpu_load=0.5)))
+    await until(lambda: fake.held, 5, "the heartbeat's batch to be held")
+    gone = asyncio.Event()
+    claim = asyncio.ensure_future(writer.submit(ClaimTasks(spot, 5), gone.wait))
+    await until(lambda: writer._background, 5, "the departure to be watched for")
+    gone.set()  # the client disconnects
+    with pytest.raises(StoreUnavailableError, match="client went away"):
+        await asyncio.wait_for(claim, 5)
+    fake.open.set()
+    assert isinstance(await stuck, Ok)
+    assert isinstance(await writer.submit(Heartbeat(spot, cpu_load=0.6)), Ok)
+    assert claimed(fake) == [] and new_tasks(writer) == 5
+
+
+async def test_a_command_answered_at_once_never_starts_a_watcher(
+    spot_job: tuple[GroupCommitWriter, FakeStore, str],
+) -> None:
+    writer, fake, spot = spot_job
+    asked: list[str] = []
+
+    async def disconnected() -> None:
+        asked.append("watched")
+        await asyncio.Event().wait()
+
+    answer = await writer.submit(ClaimTasks(spot, 2), disconnected)
+    assert isinstance(answer, Claimed) and len(answer.tasks) == 2
+    assert asked == [] and not writer._background
+    assert len(claimed(fake)) == 1
+
+
+async def test_while_the_store_is_down_commands_fail_fast_and_it_is_probed_with_backoff(
+    spot_job: tuple[GroupCommitWriter, FakeStore, str],
+) -> None:
+    writer, fake, spot = spot_job
+    assert writer.ready
+    fake.error = ConnectionError("connection refused")
+    with pytest.raises(StoreUnavailableError):
+        await writer.submit(Heartbeat(spot, cpu_load=0.5))
+    assert not writer.ready
+    await until(lambda: len(fake.probes) >= 4, 10, "four probes of the store")
+    assert writer.down_since is not None
+    appended = len(fake.appended)
+    with pytest.raises(StoreUnavailableError, match="unreachable since"):
+        await writer.submit(ClaimTasks(spot, 5))  # answered without being queued
+    assert writer._pending == []
+    gaps = [b - a for a, b in itertools.pairwise(fake.probes)]
+    assert gaps[0] >= RETRY_FIRST * 0.9 and gaps[-1] >= 3 * RETRY_FIRST, gaps  # growing pauses
+
+    fake.error = None  # the store is back
+    await until(lambda: writer.ready, 10, "the writer to recover")
+    assert writer.down_since is None
+    assert isinstance(await writer.submit(Heartbeat(spot, cpu_load=0.6)), Ok)
+    assert len(fake.appended) == appended + 1 and claimed(fake) == []
+
+
+async def test_a_batch_the_store_did_not_confirm_in_time_has_an_unknown_outcome(
+    spot_job: tuple[GroupCommitWriter, FakeStore, str],
+) -> None:
+    writer, fake, spot = spot_job
+    fake.error = TimeoutError("the database did not answer within 0.3s")
+    with pytest.raises(OutcomeUnknownError):
+        await writer.submit(ClaimTasks(spot, 5))
+    fake.error = None
+    # Reloaded from the store, which has no claim: the tasks are NEW again.
+    await until(lambda: writer.ready, 10, "the writer to reload")
+    assert new_tasks(writer) == 5
