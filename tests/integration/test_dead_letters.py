@@ -8,6 +8,7 @@ other one, and re-apply the dead letters once the cause is fixed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,12 +18,14 @@ from psycopg import sql
 
 from domain.commands import Heartbeat, Hello, SpotRegistered
 from domain.ids import parse_spot_id
+from projections.postgres.tables import PostgresReadModel
 from service.deadletters import retry_letters
 from streaming.broker import EmbeddedBroker
+from streaming.consumer import StoreReader
 from streaming.deadletters import RELAY, DeadLetters, projector_stage
 from streaming.relay import RelayPosition
 from streaming.topics import TopicCatalogue
-from tests.integration.support import relay_all, running, wait_for
+from tests.integration.support import TcpProxy, relay_all, running, wait_for
 from tests.integration.test_projections import Env, environment
 
 pytestmark = pytest.mark.integration
@@ -200,4 +203,35 @@ def test_a_lost_connection_is_waited_out_not_dead_lettered(env: Env) -> None:
             wait_for(lambda: recorded.get() == last, 30, "the relay to record its position")
         finally:
             recorded.close()
+    assert DeadLetters(env.store).counts() == {}
+
+
+def test_a_read_model_that_is_down_is_waited_for_and_nothing_is_dead_lettered(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = TcpProxy()
+    env.closing.append(proxy.close)
+    model = PostgresReadModel(
+        proxy.url(env.settings.database_url),
+        env.settings.read_schema,
+        StoreReader(env.store).first_event,
+    )
+    env.closing.append(model.close)
+    model.create()
+    relay = env.relay()
+    projector = env.projector(model)
+    caplog.set_level(logging.WARNING, logger="streaming.consumer")
+    with running(relay, projector):
+        a = spot(env, "10.0.0.1")
+        wait_for(lambda: a in spots_table(env), 30, "the first spot")
+        proxy.cut("refuse")  # the read model's database is gone; the store is not
+        b = spot(env, "10.0.0.2")
+        wait_for(
+            lambda: sum("retrying in" in r.getMessage() for r in caplog.records) >= 2,
+            30,
+            "the projector to fail and retry",
+        )
+        assert b not in spots_table(env)
+        proxy.restore()
+        wait_for(lambda: b in spots_table(env), 30, "the spot stored during the outage")
     assert DeadLetters(env.store).counts() == {}
