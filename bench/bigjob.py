@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -43,7 +42,7 @@ from uuid import uuid4
 import psycopg
 from http_client import Connection
 from psycopg import sql
-from run import DATABASE_URL, ROOT, cleanup, free_port, log, percentile, wait_healthy
+from run import DATABASE_URL, ROOT, log, percentile, tadpole_up
 
 sys.path.insert(0, str(ROOT))
 
@@ -291,38 +290,8 @@ async def drive(port: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure_stack(args: argparse.Namespace) -> dict[str, Any]:
-    name = f"bigjob{uuid4().hex[:8]}"
-    port = free_port()
-    env = {
-        **os.environ,
-        "TADPOLE_PORT": str(port),
-        "TADPOLE_SCHEMA": f"{name}_store",
-        "TADPOLE_READ_SCHEMA": f"{name}_read",
-        "TADPOLE_REDIS_PREFIX": name,
-        "TADPOLE_TOPIC_PREFIX": name,
-        "TADPOLE_LOG_LEVEL": "WARNING",
-    }
-    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    log(f"starting tadpole up on port {port} ({name})")
-    stack = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}")
-        time.sleep(4)  # let both projectors' consumer groups finish joining
-        return asyncio.run(drive(port, args))
-    finally:
-        stack.send_signal(signal.SIGINT)
-        try:
-            stack.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(stack.pid, signal.SIGKILL)
-        cleanup(name)
+    with tadpole_up("bigjob") as (_, base):
+        return asyncio.run(drive(int(base.rsplit(":", 1)[1]), args))
 
 
 # ---- report ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Run with `make bench`; results go to bench/results/latest.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -75,8 +77,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-def run_tadpole(tasks: int, workers: int) -> dict[str, Any]:
-    name = f"bench{uuid4().hex[:8]}"
+@contextlib.contextmanager
+def tadpole_up(prefix: str) -> Iterator[tuple[str, str]]:
+    """`tadpole up` on a free port with fresh schemas, keys and topics: ``(name, base URL)``.
+
+    Healthy, with both projectors' consumer groups joined; stopped and dropped after.
+    """
+    name = f"{prefix}{uuid4().hex[:8]}"
     port = free_port()
     env = {
         **os.environ,
@@ -101,6 +108,18 @@ def run_tadpole(tasks: int, workers: int) -> dict[str, Any]:
     try:
         wait_healthy(base)
         time.sleep(4)  # let both projectors' consumer groups finish joining
+        yield name, base
+    finally:
+        stack.send_signal(signal.SIGINT)
+        try:
+            stack.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.pid, signal.SIGKILL)
+        cleanup(name)
+
+
+def run_tadpole(tasks: int, workers: int) -> dict[str, Any]:
+    with tadpole_up("bench") as (name, base):
         before = commits()  # (includes the jobs' creation: commits per task err high)
         load = subprocess.run(
             [
@@ -133,13 +152,6 @@ def run_tadpole(tasks: int, workers: int) -> dict[str, Any]:
             result[f"lag_{model}_p99_ms"] = round(percentile(samples, 0.99), 1)
             result[f"lag_{model}_samples"] = len(samples)
         return result
-    finally:
-        stack.send_signal(signal.SIGINT)
-        try:
-            stack.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(stack.pid, signal.SIGKILL)
-        cleanup(name)
 
 
 def cleanup(name: str) -> None:

@@ -26,9 +26,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from psycopg import sql
-
-from domain.store import TadpoleStore
+from streaming.besidestore import BesideStore
 
 log = logging.getLogger(__name__)
 
@@ -93,27 +91,10 @@ class DeadLetter:
         }
 
 
-class DeadLetters:
-    """The dead-letter table, through the event store's own connection pool."""
+class DeadLetters(BesideStore):
+    """The dead-letter table."""
 
-    def __init__(self, store: TadpoleStore):
-        datastore = getattr(store.recorder, "datastore", None)
-        if datastore is None:
-            raise TypeError("dead letters need the PostgreSQL event store")
-        self._transaction = datastore.transaction
-        self.schema = sql.Identifier(datastore.schema)
-
-    def _q(self, text: str) -> sql.Composed:
-        return sql.SQL(text).format(schema=self.schema)
-
-    def _execute(self, text: str, params: Any = None) -> list[dict[str, Any]]:
-        with self._transaction(commit=True) as cur:
-            cur.execute(self._q(text), params)
-            return list(cur.fetchall()) if cur.description else []
-
-    def ddl(self) -> sql.Composed:
-        """The statements that create the table (``service.wiring.open_store`` runs them)."""
-        return self._q(DDL)
+    DDL = DDL
 
     def record(
         self, stage: str, aggregate_id: UUID, version: int, position: int, kind: str, error: str

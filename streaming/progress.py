@@ -9,11 +9,8 @@ position (``relay_position``) is exact and is read from there.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
-from psycopg import sql
-
-from domain.store import TadpoleStore
+from streaming.besidestore import BesideStore
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS {schema};
@@ -29,40 +26,22 @@ CREATE TABLE IF NOT EXISTS {schema}.relay_position (
 """
 
 
-class Progress:
-    """The ``progress`` table beside the event store, through the store's pool."""
+class Progress(BesideStore):
+    """The ``progress`` table."""
 
-    def __init__(self, store: TadpoleStore):
-        datastore = getattr(store.recorder, "datastore", None)
-        if datastore is None:
-            raise TypeError("progress needs the PostgreSQL event store")
-        self._transaction = datastore.transaction
-        self.schema = sql.Identifier(datastore.schema)
-
-    def _q(self, text: str) -> sql.Composed:
-        return sql.SQL(text).format(schema=self.schema)
-
-    def ddl(self) -> sql.Composed:
-        return self._q(DDL)
+    DDL = DDL
 
     def publish(self, name: str, position: int) -> None:
-        with self._transaction(commit=True) as cur:
-            cur.execute(
-                self._q(
-                    "INSERT INTO {schema}.progress VALUES (%s, %s, now()) ON CONFLICT (name) "
-                    "DO UPDATE SET position = EXCLUDED.position, updated_at = now()"
-                ),
-                (name, position),
-            )
+        self._execute(
+            "INSERT INTO {schema}.progress VALUES (%s, %s, now()) ON CONFLICT (name) "
+            "DO UPDATE SET position = EXCLUDED.position, updated_at = now()",
+            (name, position),
+        )
 
     def positions(self) -> dict[str, tuple[int, datetime | None]]:
         """Every step's position (the relay's included) and when it last moved."""
-        with self._transaction(commit=False) as cur:
-            cur.execute(
-                self._q(
-                    "SELECT name, position, updated_at FROM {schema}.progress "
-                    "UNION ALL SELECT name, position, NULL FROM {schema}.relay_position"
-                )
-            )
-            rows: list[Any] = cur.fetchall()
+        rows = self._execute(
+            "SELECT name, position, updated_at FROM {schema}.progress "
+            "UNION ALL SELECT name, position, NULL FROM {schema}.relay_position"
+        )
         return {row["name"]: (int(row["position"]), row["updated_at"]) for row in rows}
