@@ -39,7 +39,7 @@ from domain.ids import (
 from domain.jobs import Job
 from domain.spots import DOWN, UP, Spot
 from domain.sweeps import Sweep, parse
-from domain.tasks import BlockBatch, Completion, Outcome, TaskBlock
+from domain.tasks import RUNNING, BlockBatch, Completion, Outcome, TaskBlock
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,31 @@ class ReapTasks:
     threshold: float
 
 
+@dataclass(frozen=True)
+class ReleaseClaims:
+    """Undo claims whose answer never reached their spot, if they were stored.
+
+    The writer issues it after a batch whose append failed without saying whether
+    it was stored (the connection lost after the commit): each ``(task id, spot,
+    fence)`` still RUNNING under that spot with that fence goes back to NEW (or
+    FAILED, its attempts used), as a reap. A claim that was not stored changes
+    nothing.
+    """
+
+    claims: tuple[tuple[str, str, int], ...]
+    reason: str = "claim answer lost"
+
+
 Command: TypeAlias = (
-    CreateJob | Hello | Heartbeat | ClaimTasks | CompleteTask | FailTask | ReapSpots | ReapTasks
+    CreateJob
+    | Hello
+    | Heartbeat
+    | ClaimTasks
+    | CompleteTask
+    | FailTask
+    | ReapSpots
+    | ReapTasks
+    | ReleaseClaims
 )
 
 
@@ -303,7 +326,7 @@ class CommandProcessor:
         results: list[Result | None] = [None] * len(commands)
         phases: tuple[tuple[type, ...], ...] = (
             (CreateJob, Hello, Heartbeat),
-            (CompleteTask, FailTask, ReapSpots, ReapTasks),
+            (CompleteTask, FailTask, ReapSpots, ReapTasks, ReleaseClaims),
             (ClaimTasks,),
         )
         for kinds in phases:
@@ -390,6 +413,8 @@ class _Batch:
                 return self.reap_spots(command)
             case ReapTasks():
                 return self.reap_tasks(command)
+            case ReleaseClaims():
+                return self.release_claims(command)
             case ClaimTasks():
                 return self.claim(command)
 
@@ -510,6 +535,23 @@ class _Batch:
             return self.ts - max(claimed_at, seen) > c.threshold
 
         return Reaped(tasks=self._reap(expired, "lease expired"))
+
+    def release_claims(self, c: ReleaseClaims) -> Result:
+        released: list[str] = []
+        for task_text, holder, fence in c.claims:
+            found = self._task(task_text)
+            if found is None:
+                continue
+            ref, batch = found
+            task = batch.view(ref.index)
+            if (
+                task.status == RUNNING
+                and task.holder == holder
+                and task.fence == fence
+                and batch.reap(ref.index, c.reason) is not None
+            ):
+                released.append(task_text)
+        return Reaped(tasks=released)
 
     def _reap(self, due: Callable[[str, float], bool], reason: str) -> list[str]:
         reaped: list[str] = []

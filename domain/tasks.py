@@ -367,7 +367,8 @@ class BlockBatch:
         self.failures: list[Failure] = []
         self.reaps: dict[str, list[Reap]] = {}
 
-    def _view(self, index: int) -> TaskView:
+    def view(self, index: int) -> TaskView:
+        """The task as the store has it, with the changes this batch already accepted."""
         task = self.block.view(index)
         status = self._changed.get(index)
         if status is None:
@@ -375,7 +376,7 @@ class BlockBatch:
         return TaskView(status, None, task.fence, task.attempts, None)
 
     def complete(self, c: Completion, fence: int | None) -> Outcome:
-        outcome = decide_complete(self._view(c.index), c.holder, fence)
+        outcome = decide_complete(self.view(c.index), c.holder, fence)
         if outcome is Outcome.ACCEPTED:
             self._changed[c.index] = DONE
             self.completions.append(c)
@@ -384,7 +385,7 @@ class BlockBatch:
     def fail(
         self, index: int, spot: str, fence: int | None, error: str, retriable: bool
     ) -> tuple[Outcome, bool]:
-        outcome = decide_fail(self._view(index), spot, fence)
+        outcome = decide_fail(self.view(index), spot, fence)
         if outcome is not Outcome.ACCEPTED:
             return outcome, False
         retried = retriable and self.block.retries_left(index)
@@ -393,7 +394,7 @@ class BlockBatch:
         return outcome, retried
 
     def reap(self, index: int, reason: str) -> Reap | None:
-        task = self._view(index)
+        task = self.view(index)
         if task.status != RUNNING or task.holder is None:
             return None
         retried = self.block.retries_left(index)

@@ -114,6 +114,9 @@ class PostgresViews:
             open=False,
             # A query never waits long for a database that is away: it answers 503.
             timeout=UNAVAILABLE_AFTER,
+            # A connection that broke while idle (the database restarted) is replaced
+            # before it is handed out, not found broken by a query.
+            check=AsyncConnectionPool.check_connection,
             kwargs={
                 "autocommit": True,
                 "row_factory": dict_row,

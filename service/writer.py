@@ -26,7 +26,16 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from domain.commands import Command, CommandProcessor, Decided, Result
+from domain.commands import (
+    Claimed,
+    ClaimTasks,
+    Command,
+    CommandProcessor,
+    Decided,
+    Reaped,
+    ReleaseClaims,
+    Result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,8 @@ class GroupCommitWriter:
         self.probe = probe
         self.timeout = timeout
         self._pending: list[_Queued] = []
+        #: Claims of failed batches, to release once the store is back (they may be stored).
+        self._unanswered: list[tuple[str, str, int]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -185,6 +196,9 @@ class GroupCommitWriter:
         while True:
             if self.processor.needs_recovery:
                 await self._recover()
+                if self._unanswered:  # before any other command: see _release_unanswered
+                    await self._release_unanswered()
+                continue
             if not self._pending:
                 await self._wake.wait()
                 self._wake.clear()
@@ -225,6 +239,35 @@ class GroupCommitWriter:
             self._last_failed = False
             return
 
+    async def _release_unanswered(self) -> None:
+        """Undo the claims of a failed batch that the store may have kept all the same.
+
+        An append whose connection was lost after the commit stored a claim whose
+        spot was told 503: its tasks would stay RUNNING under a spot that never
+        got them for as long as it heartbeats. Once the writer has reloaded, it
+        releases exactly those tasks that are still held as that claim left them.
+        It is decided right after the reload, before any other command: a fence
+        names one claim of a task, so a task still RUNNING under that spot with
+        that fence was handed out by the lost claim and no other.
+        """
+        claims, self._unanswered = tuple(self._unanswered), []
+        release = ReleaseClaims(claims)
+        answer: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        try:
+            decided = self.processor.decide([release], datetime.now(UTC))
+        except Exception:
+            log.exception("deciding the release of unanswered claims failed")
+            self.processor.invalidate()
+            self._unanswered.extend(claims)
+            return
+        await self._store([(release, answer, float("inf"))], decided)
+        if answer.exception() is not None:
+            self._unanswered.extend(claims)  # the next recovery tries again
+            return
+        result = answer.result()
+        if isinstance(result, Reaped) and result.tasks:
+            log.warning("released %d tasks of claims whose answer was lost", len(result.tasks))
+
     def _store_down(self, error: Exception) -> None:
         self._last_failed = True
         if self.down_since is None:
@@ -244,6 +287,7 @@ class GroupCommitWriter:
         except Exception as error:
             log.exception("the event store refused a batch of %d commands", len(batch))
             self._last_failed = True
+            self._unanswered.extend(_claims(batch, decided))
             self._fail(batch, error)
             return
         finally:
@@ -274,6 +318,16 @@ class GroupCommitWriter:
         for _, future, _ in batch:
             if not future.done():
                 future.set_exception(kind(str(error) or type(error).__name__))
+
+
+def _claims(batch: list[_Queued], decided: Decided) -> list[tuple[str, str, int]]:
+    """``(task id, spot, fence)`` of every task the batch's claims handed out."""
+    return [
+        (task.task_id, command.spot_id, task.fence)
+        for (command, _, _), result in zip(batch, decided.results, strict=True)
+        if isinstance(command, ClaimTasks) and isinstance(result, Claimed)
+        for task in result.tasks
+    ]
 
 
 def _withdraw(future: asyncio.Future[Result], why: str) -> None:

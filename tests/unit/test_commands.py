@@ -28,6 +28,7 @@ from domain.commands import (
     Reaped,
     ReapSpots,
     ReapTasks,
+    ReleaseClaims,
     SpotRegistered,
 )
 from domain.ids import block_id, parse_job_id, parse_spot_id, parse_task_id, task_id
@@ -288,6 +289,32 @@ def test_fences_grow_by_one_per_claim_of_the_same_task(world: World) -> None:
         fences.append(task.fence)
         world.fail(task.task_id, spot, task.fence, now=at(n))
     assert fences == [1, 2, 3]
+
+
+def test_release_claims_frees_only_tasks_held_as_the_lost_claim_left_them(world: World) -> None:
+    world.job(4)
+    spot, other = world.spot(), world.spot()
+    lost = world.claim(spot, 2)
+    kept = world.claim(other, 1)
+    done = world.claim(spot, 1)
+    assert world.complete(done[0].task_id, spot, done[0].fence).outcome is Outcome.ACCEPTED
+    claims = (
+        *((t.task_id, spot, t.fence) for t in lost),
+        (kept[0].task_id, spot, kept[0].fence),  # another spot holds it
+        (done[0].task_id, spot, done[0].fence),  # finished since
+        (lost[0].task_id, spot, lost[0].fence + 1),  # a later claim's fence: not this one
+    )
+
+    result = world.one(ReleaseClaims(claims))
+
+    assert isinstance(result, Reaped)
+    assert sorted(result.tasks) == sorted(t.task_id for t in lost)
+    assert [world.stored_task(t.task_id).status for t in lost] == ["NEW", "NEW"]
+    assert world.stored_task(kept[0].task_id).status == "RUNNING"
+    assert world.stored_task(done[0].task_id).status == "DONE"
+    assert world.topics()[-1] == "TaskBlock.Reaped"
+    again = world.one(ReleaseClaims(claims))  # idempotent: nothing is held like that now
+    assert isinstance(again, Reaped) and again.tasks == []
 
 
 def test_claim_by_an_unknown_spot_is_not_found(world: World) -> None:

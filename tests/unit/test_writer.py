@@ -90,6 +90,8 @@ class FakeStore:
         self.appended: list[Any] = []
         self.probes: list[float] = []
         self.held = 0
+        #: Store the next append, then fail it: a commit whose answer was lost.
+        self.lose_answer = False
 
     async def append(self, events: Sequence[Any]) -> list[int]:
         if not self.open.is_set():
@@ -98,7 +100,11 @@ class FakeStore:
         if self.error is not None:
             raise self.error
         self.appended.extend(events)
-        return [r.notification.id for r in self.store.save(*events)]
+        ids = [r.notification.id for r in self.store.save(*events)]
+        if self.lose_answer:
+            self.lose_answer = False
+            raise ConnectionError("the connection was lost after the commit")
+        return ids
 
     async def probe(self) -> None:
         self.probes.append(asyncio.get_running_loop().time())
@@ -244,3 +250,35 @@ async def test_a_batch_the_store_did_not_confirm_in_time_has_an_unknown_outcome(
     # Reloaded from the store, which has no claim: the tasks are NEW again.
     await until(lambda: writer.ready, 10, "the writer to reload")
     assert new_tasks(writer) == 5
+
+
+async def test_a_claim_stored_but_not_answered_is_released_once_the_writer_reloads(
+    spot_job: tuple[GroupCommitWriter, FakeStore, str],
+) -> None:
+    writer, fake, spot = spot_job
+    fake.lose_answer = True
+    with pytest.raises(StoreUnavailableError):
+        await writer.submit(ClaimTasks(spot, 3))
+    assert len(claimed(fake)) == 1  # stored all the same: three tasks RUNNING under spot
+    # Reloaded, the writer releases them: the spot was told 503 and never got them.
+    await until(lambda: new_tasks(writer) == 5, 10, "the unanswered claim to be released")
+    (released,) = [e for e in fake.appended if isinstance(e, TaskBlock.Reaped)]
+    assert (released.reason, released.holders) == ("claim answer lost", [spot] * 3)
+    again = await writer.submit(ClaimTasks(spot, 5))
+    assert isinstance(again, Claimed) and len(again.tasks) == 5  # claimable at once
+
+
+async def test_a_failed_claim_that_was_not_stored_releases_nothing(
+    spot_job: tuple[GroupCommitWriter, FakeStore, str],
+) -> None:
+    writer, fake, spot = spot_job
+    fake.error = ConnectionError("refused before the commit")
+    with pytest.raises(StoreUnavailableError):
+        await writer.submit(ClaimTasks(spot, 2))
+    fake.error = None
+    await until(lambda: writer.ready, 10, "the writer to reload")
+    taken = await writer.submit(ClaimTasks(spot, 2))
+    assert isinstance(taken, Claimed) and len(taken.tasks) == 2
+    await until(lambda: not writer._unanswered, 10, "the release to be decided")
+    assert [e for e in fake.appended if isinstance(e, TaskBlock.Reaped)] == []
+    assert new_tasks(writer) == 3  # the new claim holds: the old one's release touched nothing
