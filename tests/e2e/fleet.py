@@ -73,6 +73,7 @@ class Fleet:
                     spot_id = None  # the stack lost us? register again
                     continue
                 if status != 200:
+                    self.stop.wait(0.1)  # (a 503 while the store is away)
                     continue
                 for task in body["tasks"]:
                     self._complete(spot_id, task)
@@ -91,6 +92,9 @@ class Fleet:
                 )
             except TRANSPORT as error:  # a stop cut the answer: ask again
                 self.errors.append(str(error))
+                self.stop.wait(0.2)
+                continue
+            if status == 503:  # the store is away for a moment: a worker asks again
                 self.stop.wait(0.2)
                 continue
             # "already completed" answers a retry whose first answer was lost in a stop.

@@ -278,7 +278,21 @@ def test_a_postgresql_restarted_and_crashed_under_load_loses_nothing(
         own_postgres.crash()
         after_crash = len(fleet.acknowledged)
         wait_for(lambda: len(fleet.acknowledged) > after_crash + 300, 60, "load after the crash")
-        wait_for(lambda: _job_done(stack, job_id, 2000), 180, "the job to finish")
+        try:
+            wait_for(lambda: _job_done(stack, job_id, 2000), 180, "the job to finish")
+        except AssertionError:  # show what is left, and where
+            with psycopg.connect(own_postgres.url) as conn:
+                rows = conn.execute(
+                    f"SELECT status, assigned_to, attempts, fence_token, count(*) FROM "
+                    f"{stack.extra['name']}_read.tasks WHERE status <> 'DONE' "
+                    "GROUP BY 1, 2, 3, 4"
+                ).fetchall()
+                spots = conn.execute(
+                    f"SELECT id, status, last_heartbeat FROM {stack.extra['name']}_read.spots"
+                ).fetchall()
+            print("NOT DONE", rows, spots, http("GET", f"{stack.base}/api/v1/jobs/{job_id}"))
+            print("HEALTH", http("GET", f"{stack.base}/api/v1/health"))
+            raise
     finally:
         fleet.join()
     assert len(fleet.acknowledged) == 2000
