@@ -6,6 +6,7 @@ import json
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,13 @@ def _rebuild_equals_live(stack: Stack, tmp_name: str) -> tuple[bool, str]:
         for model in (fresh_pg, fresh_redis):
             model.reset()
             Projector(model, store, "unused:0", TopicCatalogue(tmp_name)).catch_up()
-        pg_equal = fresh_pg.dump() == live_pg.dump()
-        redis_equal = fresh_redis.dump() == live_redis.dump()
-        detail = f"postgres equal={pg_equal} redis equal={redis_equal}"
+        pg_fresh, pg_live = fresh_pg.dump(), live_pg.dump()
+        redis_fresh, redis_live = fresh_redis.dump(), live_redis.dump()
+        pg_equal, redis_equal = pg_fresh == pg_live, redis_fresh == redis_live
+        detail = (
+            f"postgres equal={pg_equal} redis equal={redis_equal}; "
+            f"postgres: {_differences(pg_fresh, pg_live)}; redis: {_differences(redis_fresh, redis_live)}"
+        )
         for model in (fresh_pg, fresh_redis):
             model.reset()
         fresh_redis.client.delete(fresh_redis.keys.meta)
@@ -91,6 +96,36 @@ def _rebuild_equals_live(stack: Stack, tmp_name: str) -> tuple[bool, str]:
         return pg_equal and redis_equal, detail
     finally:
         store.close()
+
+
+def _differences(rebuilt: dict[str, Any], live: dict[str, Any], most: int = 5) -> str:
+    """What differs between a rebuilt and a live dump (a few entries, for the failure)."""
+    out = []
+    for key in sorted(set(rebuilt) | set(live)):
+        a, b = rebuilt.get(key), live.get(key)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            only_a = [row for row in a if row not in b][:most]
+            only_b = [row for row in b if row not in a][:most]
+            out.append(f"{key}: rebuilt only {only_a} live only {only_b}")
+        else:
+            out.append(f"{key}: rebuilt {a!r} live {b!r}")
+        if len(out) >= most:
+            break
+    return "; ".join(out) or "none"
+
+
+def _converges(stack: Stack, tmp_name: str, timeout: float = 60) -> None:
+    """Wait until the live read models equal a rebuild; fail with what differs last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ok, detail = _rebuild_equals_live(stack, tmp_name)
+        if ok:
+            return
+        if time.monotonic() >= deadline:
+            pytest.fail(f"live read models still differ from a rebuild after {timeout}s: {detail}")
+        time.sleep(0.5)
 
 
 def _job_done(stack: Stack, job_id: str, total: int) -> bool:
@@ -123,12 +158,7 @@ def test_killing_relay_and_projector_under_load_loses_nothing(make_stack: Any) -
         fleet.join()
 
     assert len(fleet.acknowledged) == 3000
-    equal = wait_for(
-        lambda: _rebuild_equals_live(stack, stack.extra["name"] + "x")[0],
-        60,
-        "live read models to equal a rebuild from the store",
-    )
-    assert equal
+    _converges(stack, stack.extra["name"] + "x")
     store = _store(stack)
     try:
         events = [store.mapper.to_domain_event(n) for n in store.notifications(0, 1_000_000)]
@@ -180,14 +210,7 @@ def test_stopping_the_whole_stack_mid_load_keeps_every_acknowledged_change(
     finally:
         fleet.join()
     assert len(fleet.acknowledged) == 2000
-    ok, detail = wait_for(
-        lambda: (lambda r: r if r[0] else None)(
-            _rebuild_equals_live(stack, stack.extra["name"] + "y")
-        ),
-        60,
-        "read models equal to a rebuild after the restart",
-    )
-    assert ok, detail
+    _converges(stack, stack.extra["name"] + "y")
 
 
 def test_a_silent_spot_goes_down_and_its_task_is_claimed_again(make_stack: Any) -> None:
