@@ -53,6 +53,8 @@ STORE_PAGE = 2000
 COMMIT_EVERY = 0.2
 #: An idle projector or relay shows the lag samples it holds after this long (s).
 IDLE_FLUSH = 0.25
+#: Seconds without trouble after which a projector's retry pauses start small again.
+BACKOFF_RESET = 30.0
 #: A projector shows how far it got (for health) at most this often (s).
 PROGRESS_EVERY = 0.5
 
@@ -311,7 +313,7 @@ class Projector:
         exits because something it depends on is away for a while.
         """
         backoff = Backoff()
-        started = False
+        started, failed_at = False, 0.0
         try:
             while not self.stopping.is_set():
                 try:
@@ -321,6 +323,9 @@ class Projector:
                         started = True
                     self._consume()
                 except Exception as error:  # anything it depends on may be away a while
+                    if time.monotonic() - failed_at > BACKOFF_RESET:
+                        backoff.reset()  # the last trouble is long over: start small again
+                    failed_at = time.monotonic()
                     pause = backoff.next()
                     log.warning(
                         "%s: %s: %s; retrying in %.1fs",
@@ -331,8 +336,6 @@ class Projector:
                     )
                     self._drop_consumer()  # uncommitted offsets are delivered again
                     self.stopping.wait(pause)
-                else:
-                    backoff.reset()
         finally:
             if self.lag is not None:
                 self.lag.flush()
