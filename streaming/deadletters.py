@@ -107,7 +107,15 @@ class DeadLetters(BesideStore):
             "DO UPDATE SET error = EXCLUDED.error, state = 'open', updated_at = now(), "
             "attempts = {schema}.dead_letters.attempts + 1, "
             "position = GREATEST({schema}.dead_letters.position, EXCLUDED.position)",
-            (stage, aggregate_id, version, position, kind, error[:MAX_ERROR]),
+            # The reason may quote the bad value itself: it must fit a text column.
+            (
+                stage,
+                aggregate_id,
+                version,
+                position,
+                kind,
+                error[:MAX_ERROR].replace("\x00", "\\0"),
+            ),
         )
         log.error(
             "%s: dead-lettered %s %s v%d (position %d): %s",
