@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 import pytest
@@ -235,3 +236,11 @@ def test_a_read_model_that_is_down_is_waited_for_and_nothing_is_dead_lettered(
         proxy.restore()
         wait_for(lambda: b in spots_table(env), 30, "the spot stored during the outage")
     assert DeadLetters(env.store).counts() == {}
+
+
+def test_a_reason_that_quotes_a_nul_is_still_recorded(env: Env) -> None:
+    letters = DeadLetters(env.store)
+    aggregate = uuid4()
+    letters.record("projector.postgres", aggregate, 1, 7, "Spot.Registered", "bad '\x00' value")
+    (letter,) = letters.unresolved()
+    assert (letter.aggregate_id, letter.error) == (aggregate, "bad '\\0' value")
