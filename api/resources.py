@@ -138,6 +138,16 @@ class Health:
 
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
+        self._reading: asyncio.Future[tuple[int, Sequence[Stage]]] | None = None
+
+    async def _pipeline(self, pipeline: Pipeline) -> tuple[int, Sequence[Stage]]:
+        """The pipeline's figures, read by one thread at a time however often health is
+        asked (a store that hangs must not take every worker thread and connection)."""
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(
+                asyncio.to_thread(pipeline.stages, datetime.now(UTC))
+            )
+        return await asyncio.wait_for(asyncio.shield(self._reading), HEALTH_WAIT)
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         ctx = self.ctx
@@ -174,9 +184,7 @@ class Health:
                 problems.append("the broker is down")
         if ctx.pipeline is not None:
             try:
-                last, stages = await asyncio.wait_for(
-                    asyncio.to_thread(ctx.pipeline.stages, datetime.now(UTC)), HEALTH_WAIT
-                )
+                last, stages = await self._pipeline(ctx.pipeline)
             except Exception as error:  # reported, as everything else here
                 last, stages = -1, []
                 problems.append(f"the pipeline's figures are unavailable: {error!r}")

@@ -61,7 +61,12 @@ class RedisViews:
 
     def __init__(self, url: str, prefix: str):
         self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url, protocol=2, decode_responses=True
+            url,
+            protocol=2,
+            decode_responses=True,
+            # A Redis that does not answer is "disconnected" in 2 s, not a hung query.
+            socket_connect_timeout=UNAVAILABLE_AFTER,
+            socket_timeout=UNAVAILABLE_AFTER,
         )
         self.keys = RedisKeys(prefix)
 
@@ -187,7 +192,7 @@ class PostgresViews:
         return {}
 
     async def results(self, job_id: str) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, _until_created():
             cur = await conn.execute(
                 self._q(
                     "SELECT id, algorithm, iterations, fopt, runtime_ms, finished_at "
@@ -206,9 +211,10 @@ class PostgresViews:
                 }
                 for r in await cur.fetchall()
             ]
+        return []
 
     async def spots(self) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, _until_created():
             cur = await conn.execute(
                 self._q("SELECT * FROM {schema}.spots ORDER BY registered_at, id")
             )
@@ -224,6 +230,7 @@ class PostgresViews:
                 }
                 for r in await cur.fetchall()
             ]
+        return []
 
 
 @contextlib.asynccontextmanager

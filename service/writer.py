@@ -255,10 +255,9 @@ class GroupCommitWriter:
         answer: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         try:
             decided = self.processor.decide([release], datetime.now(UTC))
-        except Exception:
-            log.exception("deciding the release of unanswered claims failed")
+        except Exception:  # not the store's doing: trying again would fail the same way
+            log.exception("deciding the release of unanswered claims %s failed", claims)
             self.processor.invalidate()
-            self._unanswered.extend(claims)
             return
         await self._store([(release, answer, float("inf"))], decided)
         if answer.exception() is not None:

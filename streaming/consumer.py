@@ -30,11 +30,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 from uuid import UUID
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from eventsourcing.persistence import InterfaceError as StoreInterfaceError
+from eventsourcing.persistence import Notification
+from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import sql
 
 from domain.store import TadpoleStore
@@ -97,6 +100,9 @@ class StoreReader:
 
     def __init__(self, store: TadpoleStore):
         self.store = store
+        #: Told of a stored event the mapper cannot read (it is then skipped);
+        #: without it, reading one raises.
+        self.unreadable: Callable[[Notification, Exception], None] | None = None
 
     def after(
         self,
@@ -110,11 +116,16 @@ class StoreReader:
         if until is not None:
             notifications = [n for n in notifications if n.id <= until]
         skip = skip or set()
-        messages = [
-            message_from_event(self.store.mapper.to_domain_event(n), n.id)
-            for n in notifications
-            if n.id not in skip
-        ]
+        messages: list[EventMessage] = []
+        for n in notifications:
+            if n.id in skip:
+                continue
+            try:
+                messages.append(message_from_event(self.store.mapper.to_domain_event(n), n.id))
+            except Exception as error:  # that one event's: the others are read
+                if self.unreadable is None:
+                    raise
+                self.unreadable(n, error)
         return (notifications[-1].id if notifications else position), messages
 
     def ids_after(self, position: int, limit: int = STORE_PAGE) -> list[int]:
@@ -180,6 +191,7 @@ class Projector:
         self._committed_at = 0.0
         self.stage = projector_stage(model.name)
         self.dead_letters = dead_letters or DeadLetters(store)
+        self.reader.unreadable = self._unreadable
         self.progress = progress or Progress(store)
         #: Aggregates with a dead letter: none of their events is applied until re-applied.
         self.parked: dict[UUID, int] | None = None
@@ -243,20 +255,30 @@ class Projector:
         except Exception:  # one of them is bad: find it, apply the others one by one
             log.warning("%s: a batch of %d failed; applying one by one", self.stage, len(messages))
         gaps: list[EventMessage] = []
+        refused: dict[UUID, tuple[EventMessage, Exception]] = {}
         for m in messages:
-            if m.aggregate_id in parked:
-                continue
+            if m.aggregate_id in parked or m.aggregate_id in refused:
+                continue  # (after its refused event: never applied out of order)
             try:
                 gaps.extend(self.model.apply([m]))
             except self.model.transient:
                 raise
             except Exception as error:  # this event cannot be applied
-                reason = f"{type(error).__name__}: {error}"
-                self.dead_letters.record(
-                    self.stage, m.aggregate_id, m.version, m.position, m.type, reason
-                )
-                parked[m.aggregate_id] = m.version
+                refused[m.aggregate_id] = (m, error)
+        for m, refusal in refused.values():
+            reason = f"{type(refusal).__name__}: {refusal}"
+            self.dead_letters.record(
+                self.stage, m.aggregate_id, m.version, m.position, m.type, reason
+            )
+            parked[m.aggregate_id] = m.version
         return gaps
+
+    def _unreadable(self, n: Notification, error: Exception) -> None:
+        """A stored event the store's mapper cannot read: a dead letter, its aggregate parked."""
+        uuid = UUID(str(n.originator_id))
+        reason = f"unreadable stored event: {type(error).__name__}: {error}"
+        self.dead_letters.record(self.stage, uuid, n.originator_version, n.id, n.topic, reason)
+        self._parked()[uuid] = n.originator_version
 
     def _parked(self) -> dict[UUID, int]:
         if self.parked is None:
@@ -270,7 +292,15 @@ class Projector:
         for _ in range(3):
             if uuid in self._parked():
                 return
-            missing = self.reader.aggregate(uuid, 0)
+            try:
+                missing = self.reader.aggregate(uuid, 0)
+            except (StoreOperationalError, StoreInterfaceError):
+                raise
+            except Exception as error:  # one of its stored events cannot be read
+                reason = f"unreadable stored events: {type(error).__name__}: {error}"
+                self.dead_letters.record(self.stage, uuid, 0, 0, "unreadable", reason)
+                self._parked()[uuid] = 0
+                return
             if not self._apply_safely(missing):
                 return
         log.error("%s: aggregate %s still has a gap after healing", self.model.name, uuid)
@@ -281,21 +311,28 @@ class Projector:
         due: dict[UUID, list[int]] = {}
         for letter in self.dead_letters.due(self.stage):
             due.setdefault(letter.aggregate_id, []).append(letter.id)
+        versions = {d.id: d.version for d in self.dead_letters.due(self.stage)}
         for uuid, ids in due.items():
             parked.pop(uuid, None)
             self._heal(uuid)
-            if uuid not in parked:
+            failed_at = parked.get(uuid)
+            if failed_at is None:
                 self.dead_letters.resolve(ids)
                 log.info("%s: re-applied %s (%d dead letters)", self.stage, uuid, len(ids))
+            else:  # applied up to a later event that failed (recorded): the earlier ones stand
+                self.dead_letters.resolve([i for i in ids if versions.get(i, 0) < failed_at])
         # Letters resolved (or added) elsewhere: the table is the truth.
         self.parked = {d.aggregate_id: d.version for d in self.dead_letters.unresolved(self.stage)}
 
-    def show_progress(self, force: bool = False) -> None:
-        """Record how far this projector got, for health (throttled)."""
+    def show_progress(self) -> None:
+        """Record how far this projector got, for health (throttled, best effort)."""
         position, at = self._shown
-        if self.position != position and (force or time.monotonic() - at >= PROGRESS_EVERY):
-            self.progress.publish(self.stage, self.position)
+        if self.position != position and time.monotonic() - at >= PROGRESS_EVERY:
             self._shown = (self.position, time.monotonic())
+            try:
+                self.progress.publish(self.stage, self.position)
+            except Exception as error:  # a figure for health: never a reason to stop
+                log.warning("%s: progress not recorded: %s", self.stage, error)
 
     # ---- Kafka: the fast path ---------------------------------------------------------
 
@@ -335,6 +372,7 @@ class Projector:
                         pause,
                     )
                     self._drop_consumer()  # uncommitted offsets are delivered again
+                    started = False  # create what may be gone, catch up from the store
                     self.stopping.wait(pause)
         finally:
             if self.lag is not None:

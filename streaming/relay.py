@@ -32,7 +32,9 @@ from uuid import UUID
 
 import psycopg
 from confluent_kafka import KafkaError, KafkaException, Producer
-from eventsourcing.persistence import Notification, PersistenceError
+from eventsourcing.persistence import InterfaceError as StoreInterfaceError
+from eventsourcing.persistence import Notification
+from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import sql
 
 from domain.store import TadpoleStore
@@ -59,7 +61,14 @@ REFUSED = frozenset(
     }
 )
 #: The event store or the position table is away: wait and retry.
-STORE_DOWN = (PersistenceError, psycopg.OperationalError, psycopg.InterfaceError)
+STORE_DOWN = (
+    StoreOperationalError,
+    StoreInterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
+#: The type of a placeholder for a stored event the relay could not read.
+UNREADABLE = "unreadable"
 
 
 def topic_for(catalogue: TopicCatalogue, message_type: str) -> str:
@@ -259,7 +268,9 @@ class Relay:
         messages: list[EventMessage] = []
         for n in notifications:
             message = self._message(n)
-            if message is not None:
+            if message is None:  # dead-lettered: not produced, but the position passes it
+                messages.append(_unreadable(n))
+            else:
                 messages.append(message)
                 self._produce(message, errors)
         return messages
@@ -270,10 +281,8 @@ class Relay:
             return message_from_event(self.store.mapper.to_domain_event(n), n.id)
         except Exception as error:  # any failure to read one event is that event's
             self._dead_letter(
-                EventMessage(n.topic, UUID(str(n.originator_id)), n.originator_version, n.id,
-                             EPOCH, {}),
-                f"unreadable stored event: {type(error).__name__}: {error}",
-            )  # fmt: skip
+                _unreadable(n), f"unreadable stored event: {type(error).__name__}: {error}"
+            )
             return None
 
     def _confirm(self, errors: list[tuple[KafkaError, EventMessage]]) -> None:
@@ -293,7 +302,7 @@ class Relay:
 
     def _record(self, messages: list[EventMessage]) -> None:
         if self.lag is not None:
-            self.lag.record(messages)
+            self.lag.record([m for m in messages if m.type != UNREADABLE])
         self.position.set(messages[-1].position)
         self.relayed += len(messages)
 
@@ -343,12 +352,14 @@ class Relay:
         for letter in self.dead_letters.due(RELAY):
             found = [n for n in self.store.notifications(letter.position - 1, 1)
                      if n.id == letter.position]  # fmt: skip
-            message = self._message(found[0]) if found else None
-            if message is None:
+            if not found:
                 self.dead_letters.record(
                     RELAY, letter.aggregate_id, letter.version, letter.position,
-                    letter.event_type, "the stored event cannot be read",
+                    letter.event_type, "the stored event is not in the store's log",
                 )  # fmt: skip
+                continue
+            message = self._message(found[0])
+            if message is None:  # recorded again, with the reason
                 continue
             errors: list[tuple[KafkaError, EventMessage]] = []
             before = self.dead_lettered
@@ -381,3 +392,10 @@ class Relay:
         self.position.close()
         if self.lag is not None:
             self.lag.flush()
+
+
+def _unreadable(n: Notification) -> EventMessage:
+    """What the relay knows of a stored event it cannot read: where it is."""
+    return EventMessage(
+        UNREADABLE, UUID(str(n.originator_id)), n.originator_version, n.id, EPOCH, {}
+    )

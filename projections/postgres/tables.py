@@ -105,6 +105,8 @@ class PostgresReadModel:
     transient: tuple[type[BaseException], ...] = (
         psycopg.OperationalError,
         psycopg.InterfaceError,
+        psycopg.errors.ReadOnlySqlTransaction,  # a standby, or a database set read-only
+        psycopg.errors.UndefinedTable,  # its tables dropped: created again on the retry
         StoreOperationalError,
         StoreInterfaceError,
     )

@@ -171,7 +171,13 @@ class RedisReadModel:
     """Applies events to the Redis dashboards under ``prefix``."""
 
     name = "redis"
-    transient: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+    #: Unreachable, loading, read-only (a replica) or out of memory: not the event's fault.
+    transient: tuple[type[BaseException], ...] = (
+        redis.ConnectionError,
+        redis.TimeoutError,
+        redis.exceptions.ReadOnlyError,
+        redis.exceptions.OutOfMemoryError,
+    )
 
     def __init__(self, url: str, prefix: str):
         self.keys = RedisKeys(prefix)
