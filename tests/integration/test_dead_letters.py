@@ -244,3 +244,40 @@ def test_a_reason_that_quotes_a_nul_is_still_recorded(env: Env) -> None:
     letters.record("projector.postgres", aggregate, 1, 7, "Spot.Registered", "bad '\x00' value")
     (letter,) = letters.unresolved()
     assert (letter.aggregate_id, letter.error) == (aggregate, "bad '\\0' value")
+
+
+def store_unreadable(env: Env) -> tuple[Any, int]:
+    """A stored event no mapper can read (its class is gone), as an old version might leave."""
+    recorder: Any = env.store.recorder
+    table = sql.SQL("{}.{}").format(
+        sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name)
+    )
+    aggregate = uuid4()
+    with psycopg.connect(env.settings.database_url, autocommit=True) as conn:
+        row = conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (originator_id, originator_version, topic, state) "
+                "VALUES (%s, 1, 'gone.module:Gone.Created', '{{}}') RETURNING notification_id"
+            ).format(table),
+            (aggregate,),
+        ).fetchone()
+    assert row is not None
+    return aggregate, int(row[0])
+
+
+def test_an_unreadable_stored_event_is_dead_lettered_and_passed_by_every_step(env: Env) -> None:
+    spot(env, "10.0.0.1")
+    gone, position = store_unreadable(env)
+
+    relay = env.relay()
+    assert relay_all(relay) == position  # a batch of it alone: passed, not read again
+    after = spot(env, "10.0.0.2")
+    assert relay_all(relay) > position
+    model = env.postgres()
+    model.create()
+    projector = env.projector(model)
+    projector.catch_up()
+    assert after in spots_table(env)  # the projector went past it too
+    letters = {(d.stage, d.aggregate_id, d.version) for d in DeadLetters(env.store).unresolved()}
+    assert letters == {(RELAY, gone, 1), (projector_stage("postgres"), gone, 1)}
+    assert {d.attempts for d in DeadLetters(env.store).unresolved()} == {1}
