@@ -373,6 +373,10 @@ class Projector:
                     )
                     self._drop_consumer()  # uncommitted offsets are delivered again
                     started = False  # create what may be gone, catch up from the store
+                    # ...all of it after the checkpoint: a read model that crashed may have
+                    # lost its last commits (synchronous_commit=off), and Kafka will not
+                    # bring again what this projector already committed offsets for.
+                    self.seen.clear()
                     self.stopping.wait(pause)
         finally:
             if self.lag is not None:

@@ -296,9 +296,14 @@ def test_a_postgresql_restarted_and_crashed_under_load_loses_nothing(
     finally:
         fleet.join()
     assert len(fleet.acknowledged) == 2000
+
     # every acknowledged completion is in the store, once, and in both read models
-    status, results = http("GET", f"{stack.base}/api/v1/jobs/{job_id}/results")
-    assert status == 200 and {r["taskId"] for r in results["results"]} == fleet.acknowledged
+    def results() -> set[str]:
+        status, body = http("GET", f"{stack.base}/api/v1/jobs/{job_id}/results")
+        return {r["taskId"] for r in body["results"]} if status == 200 else set()
+
+    # (the PostgreSQL read model may still be catching up after its own restarts)
+    wait_for(lambda: results() == fleet.acknowledged, 60, "every completion in the results")
     store = TadpoleStore(store_env(load_settings(stack.env)))
     try:
         events = [store.mapper.to_domain_event(n) for n in store.notifications(0, 100_000)]
