@@ -78,8 +78,8 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     if REDIS_SERVER is None:
         pytest.skip("no redis-server binary on this machine")
     server = OwnRedis(tmp_path)
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         if server.process is not None and server.process.poll() is None:
@@ -250,8 +250,8 @@ def own_postgres() -> Iterator[OwnPostgres]:
     if not (PG_BIN / "initdb").exists() or shutil.which("runuser") is None:
         pytest.skip("no PostgreSQL 15 binaries or runuser on this machine")
     server = OwnPostgres()
-    server.create()
     try:
+        server.create()
         yield server
     finally:
         server.destroy()
