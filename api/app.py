@@ -14,7 +14,7 @@ from api import resources as r
 from api import validation as v
 from api.errors import READ_MODEL_DOWN, read_model_unavailable, serialize_error, store_unavailable
 from api.middleware import AgentKey, KnownMethods
-from service.writer import StoreUnavailableError
+from domain.commands import StoreUnavailableError
 
 App = falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]
 

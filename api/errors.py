@@ -18,12 +18,13 @@ from domain.commands import (
     JobCreated,
     NotFoundError,
     Ok,
+    OutcomeUnknownError,
     Reaped,
     Result,
     SpotRegistered,
+    StoreUnavailableError,
 )
 from domain.tasks import Outcome
-from service.writer import OutcomeUnknownError, StoreUnavailableError
 
 
 def answer(resp: falcon.asgi.Response, result: Result, *, failing: bool = False) -> None:

@@ -209,6 +209,18 @@ class ConflictError(RuntimeError):
     """The command cannot be applied in the entity's current state (409/422)."""
 
 
+class StoreUnavailableError(RuntimeError):
+    """The command was not stored: the store refused it or could not be reached in time (503).
+
+    Raised by the writer that submits commands, not by a handler: part of the
+    command side's contract with its callers.
+    """
+
+
+class OutcomeUnknownError(StoreUnavailableError):
+    """The store did not confirm the batch in time: it may or may not have been stored (503)."""
+
+
 Result: TypeAlias = (
     JobCreated | SpotRegistered | Claimed | Finished | Reaped | Ok | NotFoundError | ConflictError
 )

@@ -32,10 +32,14 @@ from domain.commands import (
     Command,
     CommandProcessor,
     Decided,
+    OutcomeUnknownError,
     Reaped,
     ReleaseClaims,
     Result,
+    StoreUnavailableError,
 )
+
+__all__ = ["GroupCommitWriter", "OutcomeUnknownError", "StoreUnavailableError"]
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +49,6 @@ MAX_BATCH = 1000
 WATCH_AFTER = 0.05
 #: First and longest pause between two attempts to reach a store that is down.
 RETRY_FIRST, RETRY_MAX = 0.2, 2.0
-
-
-class StoreUnavailableError(RuntimeError):
-    """The command was not stored: the store refused it or could not be reached in time (503)."""
-
-
-class OutcomeUnknownError(StoreUnavailableError):
-    """The store did not confirm the batch in time: it may or may not have been stored (503)."""
 
 
 #: Stores a batch's events atomically (its notification ids), on the event loop.

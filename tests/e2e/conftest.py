@@ -181,3 +181,11 @@ def drop_everything(name: str) -> None:
     keys = list(client.scan_iter(match=name + "*", count=1000))
     if keys:
         client.delete(*keys)
+
+
+def health(stack: Stack) -> dict[str, Any]:
+    """GET /api/v1/health, which must answer 200."""
+    status, body = http("GET", stack.base + "/api/v1/health")
+    assert status == 200, body
+    assert isinstance(body, dict)
+    return body

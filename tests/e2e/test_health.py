@@ -9,17 +9,10 @@ from typing import Any
 import pytest
 import redis
 
-from tests.e2e.conftest import Stack, http, wait_for
+from tests.e2e.conftest import Stack, health, http, wait_for
 from tests.e2e.fleet import sweep
 
 pytestmark = pytest.mark.e2e
-
-
-def health(stack: Stack) -> dict[str, Any]:
-    status, body = http("GET", stack.base + "/api/v1/health")
-    assert status == 200, body
-    assert isinstance(body, dict)
-    return body
 
 
 def test_health_is_degraded_while_the_relay_is_stopped_and_healthy_once_it_resumes(

@@ -25,7 +25,7 @@ import redis
 from domain.store import TadpoleStore
 from service.settings import load_settings
 from service.wiring import store_env
-from tests.e2e.conftest import Stack, free_port, http, wait_for
+from tests.e2e.conftest import Stack, free_port, health, http, wait_for
 from tests.e2e.fleet import Fleet, lease_violations, sweep
 from tests.e2e.test_stack import _converges, _job_done
 
@@ -84,13 +84,6 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     finally:
         if server.process is not None and server.process.poll() is None:
             server.kill()
-
-
-def health(stack: Stack) -> dict[str, Any]:
-    status, body = http("GET", stack.base + "/api/v1/health")
-    assert status == 200, body
-    assert isinstance(body, dict)
-    return body
 
 
 def test_a_redis_killed_and_restarted_empty_never_breaks_a_read(
