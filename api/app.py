@@ -12,9 +12,9 @@ import orjson
 
 from api import resources as r
 from api import validation as v
-from api.errors import READ_MODEL_DOWN, read_model_unavailable, serialize_error, store_unavailable
+from api.converters import CONVERTERS
+from api.errors import ERROR_HANDLERS, serialize_error
 from api.middleware import AgentKey, KnownMethods
-from domain.commands import StoreUnavailableError
 
 App = falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]
 
@@ -30,9 +30,9 @@ def create_app(ctx: r.ApiContext, agent_key: str = "", middleware: list[Any] | N
     app.req_options.media_handlers[falcon.MEDIA_JSON] = json
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = json
     app.set_error_serializer(serialize_error)
-    app.add_error_handler(StoreUnavailableError, store_unavailable)
-    for error in READ_MODEL_DOWN:
-        app.add_error_handler(error, read_model_unavailable)
+    for error, handler in ERROR_HANDLERS.items():
+        app.add_error_handler(error, handler)
+    app.router_options.converters.update(CONVERTERS)
     app.req_options.strip_url_path_trailing_slash = True
 
     def route(template: str, resource: object, suffix: str | None = None) -> None:
@@ -46,14 +46,14 @@ def create_app(ctx: r.ApiContext, agent_key: str = "", middleware: list[Any] | N
     route("/ready", r.Ready(ctx))
     route("/api/v1/spots", r.Spots(ctx))
     route("/api/v1/jobs", jobs)
-    route("/api/v1/jobs/{job_id}", jobs, suffix="one")
-    route("/api/v1/jobs/{job_id}/results", jobs, suffix="results")
+    route("/api/v1/jobs/{job:job}", jobs, suffix="one")
+    route("/api/v1/jobs/{job:job}/results", jobs, suffix="results")
     route("/api/v1/audit/{aggregate}/{entity_id}/events", r.AuditEvents(ctx))
     route("/internal/v1/hello", r.Hellos(ctx))
     route("/internal/v1/heartbeat", r.Heartbeats(ctx))
     route("/internal/v1/tasks/claim", r.Claims(ctx))
-    route("/internal/v1/tasks/{task_id}/complete", reports, suffix="complete")
-    route("/internal/v1/tasks/{task_id}/fail", reports, suffix="fail")
+    route("/internal/v1/tasks/{task_id:task}/complete", reports, suffix="complete")
+    route("/internal/v1/tasks/{task_id:task}/fail", reports, suffix="fail")
     return app
 
 

@@ -1,9 +1,14 @@
 """Every error is an HTTP error with a JSON body ``{"success": false, "error": ...}``.
 
-Domain results map to status codes here and nowhere else.
+Results map to HTTP here and nowhere else: :data:`RESPONSES` has one entry per
+result class the families declare (``tests/unit/test_registry.py`` checks it),
+and the domain's errors are falcon error handlers (:data:`ERROR_HANDLERS`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import falcon
 import falcon.asgi
@@ -11,49 +16,48 @@ import psycopg
 import psycopg_pool
 import redis
 
-from domain.commands import (
-    Claimed,
+from domain.family import (
     ConflictError,
-    Finished,
-    JobCreated,
     NotFoundError,
     Ok,
     OutcomeUnknownError,
     Reaped,
     Result,
-    SpotRegistered,
     StoreUnavailableError,
 )
-from domain.tasks import Outcome
+from domain.jobs import Claimed, Finished, JobCreated
+from domain.jobs.tasks import Outcome
+from domain.spots import SpotRegistered
+
+Response = falcon.asgi.Response
 
 
-def answer(resp: falcon.asgi.Response, result: Result, *, failing: bool = False) -> None:
-    """Set the response for a command's result."""
-    match result:
-        case JobCreated():
-            resp.status = falcon.HTTP_200 if result.replayed else falcon.HTTP_201
-            resp.media = {"success": True, "jobId": result.job_id, "totalTasks": result.total_tasks}
-            resp.location = f"/api/v1/jobs/{result.job_id}"
-        case SpotRegistered():
-            resp.media = {"spotId": result.spot_id}
-        case Claimed():
-            resp.media = {
-                "tasks": [
-                    {"id": t.task_id, "payload": t.payload, "fenceToken": t.fence}
-                    for t in result.tasks
-                ]
-            }
-        case Finished():
-            _finished(resp, result, failing)
-        case NotFoundError():
-            raise falcon.HTTPNotFound(description=str(result))
-        case ConflictError():
-            raise falcon.HTTPConflict(description=str(result))
-        case Ok() | Reaped():
-            resp.media = {"success": True}
+def answer(resp: Response, result: Result, *, failing: bool = False) -> None:
+    """Set the response for a command's result; a domain error is raised, for its handler."""
+    if isinstance(result, Exception):
+        raise result
+    RESPONSES[type(result)](resp, result, failing)
 
 
-def _finished(resp: falcon.asgi.Response, result: Finished, failing: bool) -> None:
+def _job_created(resp: Response, result: JobCreated, failing: bool) -> None:
+    resp.status = falcon.HTTP_200 if result.replayed else falcon.HTTP_201
+    resp.media = {"success": True, "jobId": result.job_id, "totalTasks": result.total_tasks}
+    resp.location = f"/api/v1/jobs/{result.job_id}"
+
+
+def _spot_registered(resp: Response, result: SpotRegistered, failing: bool) -> None:
+    resp.media = {"spotId": result.spot_id}
+
+
+def _claimed(resp: Response, result: Claimed, failing: bool) -> None:
+    resp.media = {
+        "tasks": [
+            {"id": t.task_id, "payload": t.payload, "fenceToken": t.fence} for t in result.tasks
+        ]
+    }
+
+
+def _finished(resp: Response, result: Finished, failing: bool) -> None:
     if result.outcome is Outcome.ACCEPTED:
         resp.media = (
             {"success": True, "willRetry": result.will_retry} if failing else {"success": True}
@@ -64,9 +68,22 @@ def _finished(resp: falcon.asgi.Response, result: Finished, failing: bool) -> No
         raise falcon.HTTPConflict(description=result.outcome.value)
 
 
-def serialize_error(
-    req: falcon.asgi.Request, resp: falcon.asgi.Response, error: falcon.HTTPError
-) -> None:
+def _ok(resp: Response, result: Any, failing: bool) -> None:
+    resp.media = {"success": True}
+
+
+#: Result class → how it is answered (``failing``: the command was a fail).
+RESPONSES: dict[type, Callable[[Response, Any, bool], None]] = {
+    JobCreated: _job_created,
+    SpotRegistered: _spot_registered,
+    Claimed: _claimed,
+    Finished: _finished,
+    Reaped: _ok,
+    Ok: _ok,
+}
+
+
+def serialize_error(req: falcon.asgi.Request, resp: Response, error: falcon.HTTPError) -> None:
     """Falcon's error serializer: our body shape for every HTTP error."""
     message = error.description or error.title or "error"
     if isinstance(error, falcon.HTTPRouteNotFound):
@@ -77,8 +94,20 @@ def serialize_error(
     resp.content_type = falcon.MEDIA_JSON
 
 
+async def not_found(
+    req: falcon.asgi.Request, resp: Response, error: Exception, params: object
+) -> None:
+    raise falcon.HTTPNotFound(description=str(error))
+
+
+async def conflict(
+    req: falcon.asgi.Request, resp: Response, error: Exception, params: object
+) -> None:
+    raise falcon.HTTPConflict(description=str(error))
+
+
 async def store_unavailable(
-    req: falcon.asgi.Request, resp: falcon.asgi.Response, error: Exception, params: object
+    req: falcon.asgi.Request, resp: Response, error: Exception, params: object
 ) -> None:
     if isinstance(error, OutcomeUnknownError):
         description = "the event store did not confirm in time; the command may have been stored"
@@ -88,7 +117,7 @@ async def store_unavailable(
 
 
 async def read_model_unavailable(
-    req: falcon.asgi.Request, resp: falcon.asgi.Response, error: Exception, params: object
+    req: falcon.asgi.Request, resp: Response, error: Exception, params: object
 ) -> None:
     raise falcon.HTTPServiceUnavailable(
         description=f"the read model is unavailable ({type(error).__name__}); retry shortly",
@@ -104,12 +133,10 @@ READ_MODEL_DOWN: tuple[type[Exception], ...] = (
     redis.TimeoutError,
 )
 
-
-__all__ = [
-    "READ_MODEL_DOWN",
-    "StoreUnavailableError",
-    "answer",
-    "read_model_unavailable",
-    "serialize_error",
-    "store_unavailable",
-]
+#: Exception class → its falcon error handler.
+ERROR_HANDLERS: dict[type[Exception], Any] = {
+    NotFoundError: not_found,
+    ConflictError: conflict,
+    StoreUnavailableError: store_unavailable,
+    **{error: read_model_unavailable for error in READ_MODEL_DOWN},
+}

@@ -19,18 +19,11 @@ import redis.asyncio as aioredis
 
 from api import validation as v
 from api.errors import answer
-from domain.commands import (
-    ClaimTasks,
-    Command,
-    CompleteTask,
-    CreateJob,
-    FailTask,
-    Heartbeat,
-    Hello,
-    Result,
-)
-from domain.ids import UnknownIdError, parse_job_id
-from domain.sweeps import Range, Sweep, SweepError
+from domain.family import Command, Result
+from domain.ids import job_id as public_job_id
+from domain.jobs import ClaimTasks, CompleteTask, CreateJob, FailTask
+from domain.jobs.sweeps import Range, Sweep, SweepError
+from domain.spots import Heartbeat, Hello
 from projections.views import CONNECTED, PostgresViews, RedisViews, wait_until_applied
 
 MAX_RESULT_JSON = 64 * 1024
@@ -73,6 +66,11 @@ class Pipeline(Protocol):
 
 
 class Audit(Protocol):
+    @property
+    def entities(self) -> tuple[str, ...]:
+        """The entity names the audit API serves (``job``, ``task``, ``spot``...)."""
+        ...
+
     def history(self, aggregate: str, entity_id: str) -> list[dict[str, Any]] | None: ...
 
 
@@ -115,13 +113,6 @@ def _disconnected(req: falcon.asgi.Request) -> Callable[[], Awaitable[object]]:
             pass
 
     return disconnected
-
-
-def _job_uuid(job_id: str) -> UUID:
-    try:
-        return parse_job_id(job_id)
-    except UnknownIdError:
-        raise falcon.HTTPNotFound(description="job not found") from None
 
 
 #: Longest a health check waits for the pipeline's figures (s).
@@ -245,28 +236,28 @@ class Jobs:
         answer(resp, await submit(self.ctx, req, CreateJob(sweep, key)))
 
     async def on_get_one(
-        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, job_id: str
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, job: UUID
     ) -> None:
         """From Redis; from the PostgreSQL read model while Redis is away or rebuilding."""
-        uuid = _job_uuid(job_id)
-        job = None
+        uuid, job_id = job, public_job_id(job)
+        found = None
         if await self.ctx.redis.state() == CONNECTED:
             try:
                 await self._wait(self.ctx.redis, uuid, resp)
-                job = await self.ctx.redis.job(job_id)
+                found = await self.ctx.redis.job(job_id)
             except aioredis.RedisError:  # went away just now: PostgreSQL has it too
-                job = None
-        if job is None:
+                found = None
+        if found is None:
             await self._wait(self.ctx.postgres, uuid, resp)
-            job = await self.ctx.postgres.job(job_id)
-        if job is None:
+            found = await self.ctx.postgres.job(job_id)
+        if found is None:
             raise falcon.HTTPNotFound(description="job not found")
-        resp.media = job
+        resp.media = found
 
     async def on_get_results(
-        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, job_id: str
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, job: UUID
     ) -> None:
-        uuid = _job_uuid(job_id)
+        uuid, job_id = job, public_job_id(job)
         await self._wait(self.ctx.postgres, uuid, resp)
         if await self.ctx.postgres.job(job_id) is None:
             raise falcon.HTTPNotFound(description="job not found")
@@ -381,17 +372,16 @@ class TaskReports:
 
 
 class AuditEvents:
-    AGGREGATES = ("job", "task", "spot")
-
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
 
     async def on_get(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, aggregate: str, entity_id: str
     ) -> None:
-        if aggregate not in self.AGGREGATES:
+        entities = self.ctx.audit.entities
+        if aggregate not in entities:
             raise falcon.HTTPNotFound(
-                description=f"unknown aggregate {aggregate!r}: use job, task or spot"
+                description=f"unknown aggregate {aggregate!r}: use {', '.join(entities[:-1])} or {entities[-1]}"
             )
         events = await asyncio.to_thread(self.ctx.audit.history, aggregate, entity_id)
         if events is None:

@@ -46,9 +46,10 @@ from run import DATABASE_URL, ROOT, log, percentile, tadpole_up
 
 sys.path.insert(0, str(ROOT))
 
-from domain.commands import CommandProcessor, CreateJob
-from domain.store import StorePort
-from domain.sweeps import Range, Sweep
+from domain.jobs import CreateJob
+from domain.jobs.sweeps import Range, Sweep
+from domain.processor import CommandProcessor
+from eventstore.store import StorePort
 from service.settings import Settings
 from service.wiring import open_store
 

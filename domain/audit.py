@@ -1,30 +1,23 @@
 """Audit: an entity's whole history, read from the event store itself.
 
-A task's history is the events of its block that name it, narrowed to its own
-part of each (its holder, fence, result...), so an auditor sees that task alone.
+Each family declares the entities it shows (:attr:`domain.family.Family.audit`):
+most are one aggregate's events (:func:`whole`); a family may narrow an
+aggregate's events to one entity inside it (a task of a task block).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from domain.ids import UnknownIdError, parse_job_id, parse_spot_id, parse_task_id
-from domain.jobs import Job
+from domain.family import Family
+from domain.ids import UnknownIdError
 
-_PER_TASK = {
-    "holders": "holder",
-    "fences": "fenceToken",
-    "attempts": "attempt",
-    "runtime_ms": "runtimeMs",
-    "iters": "iter",
-    "fopts": "fopt",
-    "results": "resultJson",
-    "errors": "error",
-    "retried": "retried",
-}
+History = list[dict[str, Any]]
+#: ``(public id, source) -> the entity's events, or None when there is no such entity``.
+View = Callable[[str, Any], History | None]
 
 
 class EventSource(Protocol):
@@ -33,7 +26,7 @@ class EventSource(Protocol):
     def load(self, uuid: UUID) -> Any: ...
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, UUID):
@@ -41,16 +34,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _record(event: Any, data: dict[str, Any]) -> dict[str, Any]:
+def record(event: Any, data: Mapping[str, Any]) -> dict[str, Any]:
+    """One event as the audit API shows it."""
     return {
         "type": type(event).__qualname__,
         "version": event.originator_version,
         "timestamp": event.timestamp.isoformat(),
-        "data": {k: _plain(v) for k, v in data.items()},
+        "data": {k: plain(v) for k, v in data.items()},
     }
 
 
-def _fields(event: Any) -> dict[str, Any]:
+def fields(event: Any) -> dict[str, Any]:
+    """An event's own fields, without the envelope's."""
     return {
         k: v
         for k, v in vars(event).items()
@@ -58,49 +53,43 @@ def _fields(event: Any) -> dict[str, Any]:
     }
 
 
-class AuditLog:
-    def __init__(self, source: EventSource):
-        self.source = source
+def whole(parse: Callable[[str], UUID], kind: type) -> View:
+    """The view of an aggregate's every event, for ids ``parse`` reads and aggregates of ``kind``."""
+    prefix = kind.__qualname__ + "."
 
-    def history(self, aggregate: str, entity_id: str) -> list[dict[str, Any]] | None:
+    def view(entity_id: str, source: EventSource) -> History | None:
+        events = list(source.stored_events(parse(entity_id)))
+        if not events or not type(events[0]).__qualname__.startswith(prefix):
+            return None
+        return [record(e, fields(e)) for e in events]
+
+    return view
+
+
+class AuditLog:
+    """Every family's audit views, by public entity name."""
+
+    def __init__(self, source: EventSource, families: Sequence[Family] | None = None):
+        from domain import registry
+
+        self.source = source
+        self.views: dict[str, View] = {
+            name: view
+            for family in (families if families is not None else registry.FAMILIES)
+            for name, view in family.audit.items()
+        }
+
+    @property
+    def entities(self) -> tuple[str, ...]:
+        """The entity names an auditor may ask for (``job``, ``task``, ``spot``...)."""
+        return tuple(self.views)
+
+    def history(self, aggregate: str, entity_id: str) -> History | None:
         """Every event of the entity in order, or None if there is no such entity."""
+        view = self.views.get(aggregate)
+        if view is None:
+            return None
         try:
-            if aggregate == "job":
-                return self._whole(parse_job_id(entity_id), "Job.Created")
-            if aggregate == "spot":
-                return self._whole(parse_spot_id(entity_id), "Spot.Registered")
-            if aggregate == "task":
-                return self._task(entity_id)
+            return view(entity_id, self.source)
         except UnknownIdError:
             return None
-        return None
-
-    def _whole(self, uuid: UUID, created: str) -> list[dict[str, Any]] | None:
-        """The aggregate's events, if it is of the kind whose first event is ``created``."""
-        events = [_record(e, _fields(e)) for e in self.source.stored_events(uuid)]
-        if not events or events[0]["type"] != created:
-            return None
-        return events
-
-    def _task(self, entity_id: str) -> list[dict[str, Any]] | None:
-        ref = parse_task_id(entity_id)
-        job = self.source.load(ref.job)
-        if not isinstance(job, Job) or ref.index >= job.total_tasks:
-            return None
-        history = []
-        for event in self.source.stored_events(job.block_of(ref.index)):
-            data = _fields(event)
-            if "indexes" not in data:
-                history.append(_record(event, {"job_id": data.get("job_id")}))
-                continue
-            if ref.index not in data["indexes"]:
-                continue
-            at = data["indexes"].index(ref.index)
-            mine: dict[str, Any] = {"job_id": data["job_id"], "at": data["at"]}
-            for name, label in _PER_TASK.items():
-                if name in data:
-                    mine[label] = data[name][at]
-            if "reason" in data:
-                mine["reason"] = data["reason"]
-            history.append(_record(event, mine))
-        return history

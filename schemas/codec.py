@@ -18,7 +18,8 @@ from uuid import UUID, uuid4
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from schemas.events import AVRO_DIR, EVENT_CLASSES, event_fields, event_type
+from domain.registry import event_type
+from schemas.events import AVRO_DIR, EVENT_CLASSES, event_fields
 
 MARKER = b"\xc3\x01"
 SOURCE_SYSTEM = "tadpole"

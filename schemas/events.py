@@ -1,6 +1,7 @@
 """One definition of each event: Avro schemas generated from the domain event classes.
 
-``tadpole schemas --write`` writes ``schemas/avro/*.avsc`` from :data:`EVENT_CLASSES`;
+``tadpole schemas --write`` writes ``schemas/avro/*.avsc`` from :data:`EVENT_CLASSES`, the
+events the families declare (:mod:`domain.registry`);
 a unit test regenerates them and fails on any difference, so a class and its
 committed schema cannot drift apart.
 """
@@ -14,26 +15,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from domain.jobs import Job
-from domain.spots import Spot
-from domain.tasks import TaskBlock
+from domain import registry
+from domain.registry import event_type
 
 AVRO_DIR = Path(__file__).parent / "avro"
 NAMESPACE = "dev.tadpole.events"
 
-#: Every event Tadpole stores, in the order the schemas are listed.
-EVENT_CLASSES: tuple[type, ...] = (
-    Job.Created,
-    TaskBlock.Created,
-    TaskBlock.Claimed,
-    TaskBlock.Completed,
-    TaskBlock.Failed,
-    TaskBlock.Reaped,
-    Spot.Registered,
-    Spot.HeartbeatRecorded,
-    Spot.MarkedDown,
-    Spot.CameUp,
-)
+#: Every event Tadpole stores: the families' declarations (domain/registry.py).
+EVENT_CLASSES: tuple[type, ...] = registry.EVENTS
 
 #: Fields every stored event has; the envelope carries them, not the payload.
 _ENVELOPE_FIELDS = {"originator_id", "originator_version", "timestamp", "originator_topic"}
@@ -60,11 +49,6 @@ ENVELOPE_SCHEMA: dict[str, Any] = {
         {"name": "payload", "type": "bytes"},
     ],
 }
-
-
-def event_type(cls: type) -> str:
-    """``TaskBlock.Claimed``: the message type of an event class."""
-    return cls.__qualname__
 
 
 _FIELDS: dict[type, dict[str, Any]] = {}

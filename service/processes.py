@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import psycopg
 from eventsourcing.persistence import PersistenceError
 
-from domain.store import TadpoleStore
+from eventstore.store import TadpoleStore
 from service.settings import Settings
 from service.wiring import configure_logging, open_store
 from streaming.backoff import Backoff
@@ -68,22 +68,14 @@ def wait_for_store(settings: Settings, who: str) -> TadpoleStore:
 
 
 def run_relay(settings: Settings) -> int:
-    from projections.redis.dashboards import LagSamples
-    from streaming.relay import Relay, RelayPosition
-    from streaming.topics import TopicCatalogue
+    from service.bootstrap import bootstrap
 
     configure_logging(settings)
-    bootstrap = require_broker(settings)
+    servers = require_broker(settings)
     store = wait_for_store(settings, "relay")
-    relay = Relay(
-        store,
-        RelayPosition(settings.database_url, settings.store_schema),
-        bootstrap,
-        TopicCatalogue(settings.topic_prefix),
-        lag=LagSamples(settings.redis_url, settings.redis_prefix, "relay"),
-    )
+    relay = bootstrap(settings).relay(store, servers)
     _on_signals(relay.stop)
-    log.info("relay: store schema %s → %s", settings.store_schema, bootstrap)
+    log.info("relay: store schema %s → %s", settings.store_schema, servers)
     try:
         relay.run()
     finally:
@@ -93,30 +85,14 @@ def run_relay(settings: Settings) -> int:
 
 
 def run_projector(settings: Settings, which: str) -> int:
-    from projections.postgres.tables import PostgresReadModel
-    from projections.redis.dashboards import LagSamples, RedisReadModel
-    from streaming.consumer import Projector, ReadModel, StoreReader
-    from streaming.topics import TopicCatalogue
+    from service.bootstrap import bootstrap
 
     configure_logging(settings)
-    bootstrap = require_broker(settings)
+    servers = require_broker(settings)
     store = wait_for_store(settings, f"projector {which}")
-    model: ReadModel
-    if which == "postgres":
-        model = PostgresReadModel(
-            settings.database_url, settings.read_schema, StoreReader(store).first_event
-        )
-    else:
-        model = RedisReadModel(settings.redis_url, settings.redis_prefix)
-    projector = Projector(
-        model,
-        store,
-        bootstrap,
-        TopicCatalogue(settings.topic_prefix),
-        lag=LagSamples(settings.redis_url, settings.redis_prefix, which),
-    )
+    projector = bootstrap(settings).projector(store, servers, which)
     _on_signals(projector.stop)
-    log.info("projector %s: consuming %s as %s", which, bootstrap, projector.group)
+    log.info("projector %s: consuming %s as %s", which, servers, projector.group)
     try:
         projector.run()
     finally:

@@ -9,8 +9,8 @@ from urllib.parse import unquote, urlparse
 import psycopg
 from psycopg import sql
 
-from domain.store import TadpoleStore
-from service import recorder
+from eventstore import recorder
+from eventstore.store import TadpoleStore
 from service.settings import Settings
 from streaming.deadletters import DeadLetters
 from streaming.progress import Progress

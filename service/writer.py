@@ -21,29 +21,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from domain.commands import (
-    Claimed,
-    ClaimTasks,
+from domain.family import (
     Command,
-    CommandProcessor,
-    Decided,
     OutcomeUnknownError,
     Reaped,
-    ReleaseClaims,
+    Recent,
     Result,
     StoreUnavailableError,
 )
+from domain.jobs import Claimed, ClaimTasks, ReleaseClaims
+from domain.processor import CommandProcessor, Decided
 
 __all__ = ["GroupCommitWriter", "OutcomeUnknownError", "StoreUnavailableError"]
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
+#: Aggregates whose last stored version the writer remembers for read-your-writes.
+VERSIONS_KEPT = 65_536
 #: Seconds a request waits before its client's disconnect is watched for: most
 #: commands are answered well within it, and then no watcher is ever started.
 WATCH_AFTER = 0.05
@@ -51,8 +51,9 @@ WATCH_AFTER = 0.05
 RETRY_FIRST, RETRY_MAX = 0.2, 2.0
 
 
-#: Stores a batch's events atomically (its notification ids), on the event loop.
-Append = Callable[[Sequence[Any]], Awaitable[list[int]]]
+#: Stores a batch's events atomically with the changes to the index of open work
+#: (opened: id → class name; closed ids); their notification ids. On the event loop.
+Append = Callable[[Sequence[Any], Mapping[UUID, str], Sequence[UUID]], Awaitable[list[int]]]
 #: Returns when the store answers; raises when it cannot be reached.
 Probe = Callable[[], Awaitable[None]]
 #: Returns when the client that sent a command is gone.
@@ -71,7 +72,7 @@ class GroupCommitWriter:
         probe: Probe | None = None,
     ):
         """``append``, when given, stores the events without leaving the event loop
-        (:class:`service.recorder.AsyncAppender`); without it the processor's own
+        (:class:`eventstore.recorder.AsyncAppender`); without it the processor's own
         store is used, in a worker thread. ``probe`` checks the store is reachable
         before the writer reloads from it; ``timeout`` is how long a command may
         wait in the queue."""
@@ -89,8 +90,9 @@ class GroupCommitWriter:
         #: Since when the store has been unreachable (None: it is not known to be).
         self.down_since: datetime | None = None
         self._last_failed = False
-        #: Versions of the aggregates this writer stored, for read-your-writes.
-        self.versions: dict[UUID, int] = {}
+        #: Versions of the aggregates this writer stored lately, for read-your-writes
+        #: (bounded: a long-running writer must not hold every aggregate it ever wrote).
+        self.versions: Recent[UUID, int] = Recent(VERSIONS_KEPT)
         self.batches = 0
         self.commands = 0
         #: Commands of the batch being stored (0: none is).
@@ -139,7 +141,8 @@ class GroupCommitWriter:
             watch.cancel()
 
     def known_versions(self, uuids: Iterable[UUID]) -> dict[UUID, int]:
-        return {u: self.versions[u] for u in uuids if u in self.versions}
+        found = {u: self.versions.get(u) for u in uuids}
+        return {u: v for u, v in found.items() if v is not None}
 
     # ---- the queue -----------------------------------------------------------------
 
@@ -288,7 +291,8 @@ class GroupCommitWriter:
         finally:
             self.storing = 0
         self._last_failed = False
-        self.versions.update(decided.versions)
+        for uuid, version in decided.versions.items():
+            self.versions.put(uuid, version)
         self.batches += 1
         self.commands += len(batch)
         for (_, future, _), result in zip(batch, decided.results, strict=True):
@@ -298,12 +302,14 @@ class GroupCommitWriter:
     async def _append(self, decided: Decided) -> None:
         assert self.append is not None
         try:
-            await self.append(decided.events)
+            await self.append(decided.events, decided.opened, decided.closed)
         except BaseException:
             self.processor.invalidate()
             raise
         if decided.snapshots:  # rare (every 100 events of an aggregate), best effort
-            saving = self._keep(asyncio.to_thread(self.processor.store.save, [], decided.snapshots))
+            saving = self._keep(
+                asyncio.to_thread(self.processor.store.save, [], decided.snapshots, {}, [])
+            )
             # Not waited for past the deadline: the reload's connects are not bounded.
             await asyncio.wait([saving], timeout=self.timeout)
 

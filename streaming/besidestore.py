@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from psycopg import sql
 
-from domain.store import TadpoleStore
+from eventstore.store import TadpoleStore
 
 
 class BesideStore:

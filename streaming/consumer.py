@@ -40,7 +40,7 @@ from eventsourcing.persistence import Notification
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import sql
 
-from domain.store import TadpoleStore
+from eventstore.store import TadpoleStore
 from schemas.codec import Codec, DecodeError, EventMessage, message_from_event
 from streaming.backoff import Backoff
 from streaming.deadletters import DeadLetters, projector_stage
@@ -179,7 +179,7 @@ class Projector:
         self.reconcile_interval = reconcile_interval
         self.stopping = threading.Event()
         self.group = f"{catalogue.prefix}.projector.{model.name}"
-        self.topics = [catalogue.workload, catalogue.agent_lifecycle]
+        self.topics = list(catalogue.event_topics)
         self.consumer: Consumer | None = None
         self._dlq: Producer | None = None
         self.applied_from_kafka = 0

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from domain.store import TadpoleStore
+from eventstore.store import TadpoleStore
 from streaming.deadletters import RELAY, DeadLetters, projector_stage
 from streaming.progress import Progress
 

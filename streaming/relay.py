@@ -37,7 +37,7 @@ from eventsourcing.persistence import Notification
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import sql
 
-from domain.store import TadpoleStore
+from eventstore.store import TadpoleStore
 from schemas.codec import EPOCH, Codec, EventMessage, message_from_event
 from streaming.backoff import Backoff
 from streaming.consumer import IDLE_FLUSH, LagRecorder
@@ -71,10 +71,6 @@ STORE_DOWN = (
 UNREADABLE = "unreadable"
 
 
-def topic_for(catalogue: TopicCatalogue, message_type: str) -> str:
-    return catalogue.agent_lifecycle if message_type.startswith("Spot.") else catalogue.workload
-
-
 class RelayPosition:
     """The relay's position in the notification log, in PostgreSQL."""
 
@@ -83,7 +79,7 @@ class RelayPosition:
         self.schema = schema
         self.table = sql.Identifier(schema, "relay_position")
         self.name = name
-        self.conn = self._connect()
+        self._conn: psycopg.Connection[Any] | None = None
 
     def _connect(self) -> psycopg.Connection[Any]:
         # A position lost in a crash only means re-sending a batch (consumers
@@ -103,13 +99,14 @@ class RelayPosition:
         return conn
 
     def _one(self, statement: sql.Composed, params: tuple[Any, ...]) -> Any:
-        """Run a statement, on a new connection if the last one broke; its first row."""
-        if self.conn.closed:
-            self.conn = self._connect()
+        """Run a statement, on a new connection if there is none or the last one broke;
+        its first row."""
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
         try:
-            return self.conn.execute(statement, params).fetchone()
+            return self._conn.execute(statement, params).fetchone()
         except psycopg.OperationalError:
-            self.conn.close()
+            self._conn.close()
             raise
 
     def get(self) -> int:
@@ -128,7 +125,8 @@ class RelayPosition:
         )
 
     def close(self) -> None:
-        self.conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
 
 class DeliveryError(RuntimeError):
@@ -164,12 +162,23 @@ class Relay:
         #: Set when the broker went away (it may come back empty) or a batch failed:
         #: the producer is not to be trusted and is replaced before the next batch.
         self.producer_stale = threading.Event()
-        self.producer = self._new_producer()
+        self._producer: Producer | None = None  # made when first needed, not here
         self.relayed = 0
         self.lag = lag
         self.dead_letters = dead_letters or DeadLetters(store)
         self.dead_lettered = 0
         self._retry_at = 0.0
+
+    @property
+    def producer(self) -> Producer:
+        """The producer, made (and the topics ensured) on first use."""
+        if self._producer is None:
+            self._producer = self._new_producer()
+        return self._producer
+
+    @producer.setter
+    def producer(self, producer: Producer) -> None:
+        self._producer = producer
 
     def _new_producer(self) -> Producer:
         ensure_topics(self.bootstrap, self.catalogue)
@@ -323,7 +332,7 @@ class Relay:
         while True:
             try:
                 self.producer.produce(
-                    topic_for(self.catalogue, message.type),
+                    self.catalogue.topic_for(message.type),
                     key=str(message.aggregate_id).encode(),
                     value=value,
                     headers={"position": str(message.position), "type": message.type},
@@ -388,7 +397,8 @@ class Relay:
         self.stopping.set()
 
     def close(self) -> None:
-        self.producer.flush(5)
+        if self._producer is not None:
+            self._producer.flush(5)
         self.position.close()
         if self.lag is not None:
             self.lag.flush()

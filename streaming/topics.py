@@ -1,7 +1,10 @@
 """The topic catalogue, topic creation, and the producer and consumer settings.
 
-Tadpole uses two topics per deployment, named from a prefix (``tadpole`` unless
-configured), each with a dead-letter topic for messages that cannot be decoded:
+Each aggregate family names the topic its events go to
+(:attr:`domain.family.Family.topic`); the catalogue knows every topic's settings
+(:data:`TOPIC_SETTINGS`), names them from a prefix (``tadpole`` unless
+configured), and gives each a dead-letter topic for messages that cannot be
+decoded. Today:
 
 ==============================  ==========  ======================================
 topic                           partitions  carries
@@ -40,6 +43,7 @@ from confluent_kafka import KafkaError, KafkaException
 # NewTopic is public in confluent_kafka.admin, but its stubs do not re-export it
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic  # type: ignore[attr-defined]
 
+from domain import registry
 from streaming.clientlog import CLIENT_LOG
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,12 @@ Shorter than the relay's 30 s flush, so a batch has settled (each message
 delivered or failed) by the time the relay gives up on it, instead of lingering
 in the producer for librdkafka's default 5 minutes and landing behind its retry.
 """
+
+#: A topic's partitions and retention, by the name the families use for it.
+TOPIC_SETTINGS: Final[Mapping[str, tuple[int, int]]] = {
+    "workload": (WORKLOAD_PARTITIONS, WORKLOAD_RETENTION_MS),
+    "agent_lifecycle": (AGENT_LIFECYCLE_PARTITIONS, AGENT_LIFECYCLE_RETENTION_MS),
+}
 
 COMPRESSION: Final = "lz4"
 """Tansu stores and serves lz4 batches as they are (checked end to end)."""
@@ -133,20 +143,35 @@ class TopicCatalogue:
                 "of A-Z, a-z, 0-9, '.', '_' and '-'"
             )
 
+    def topic(self, name: str) -> str:
+        """The full name of the topic a family calls ``name`` (``workload``...)."""
+        if name not in TOPIC_SETTINGS:
+            raise KeyError(f"no topic {name!r}: add its settings to TOPIC_SETTINGS")
+        return f"{self.prefix}.{name}"
+
+    def topic_for(self, message_type: str) -> str:
+        """The topic an event of ``message_type`` goes to, as its family declares.
+
+        A type no family stores (an unreadable event's placeholder) goes to the
+        first family's topic, whose dead letters then hold it.
+        """
+        family = registry.FAMILY_OF_EVENT.get(message_type)
+        return self.topic(family.topic if family is not None else registry.TOPICS[0])
+
     @property
     def workload(self) -> str:
         """Job and task events, keyed by aggregate id (6 partitions)."""
-        return f"{self.prefix}.workload"
+        return self.topic("workload")
 
     @property
     def agent_lifecycle(self) -> str:
         """Spot (agent) events, keyed by aggregate id (4 partitions)."""
-        return f"{self.prefix}.agent_lifecycle"
+        return self.topic("agent_lifecycle")
 
     @property
-    def event_topics(self) -> tuple[str, str]:
-        """The topics domain events go to: workload and agent lifecycle."""
-        return (self.workload, self.agent_lifecycle)
+    def event_topics(self) -> tuple[str, ...]:
+        """Every topic the families' events go to: the projectors subscribe to them all."""
+        return tuple(self.topic(name) for name in registry.TOPICS)
 
     def dead_letter(self, topic: str) -> str:
         """The dead-letter topic of ``topic`` (1 partition).
@@ -170,17 +195,18 @@ class TopicCatalogue:
         def config(retention_ms: int) -> dict[str, str]:
             return {"retention.ms": str(retention_ms), "cleanup.policy": "delete"}
 
+        events = [TopicSpec(self.topic(name), *_settings(name, config)) for name in registry.TOPICS]
         dead_letter = config(DEAD_LETTER_RETENTION_MS)
-        return (
-            TopicSpec(self.workload, WORKLOAD_PARTITIONS, config(WORKLOAD_RETENTION_MS)),
-            TopicSpec(
-                self.agent_lifecycle,
-                AGENT_LIFECYCLE_PARTITIONS,
-                config(AGENT_LIFECYCLE_RETENTION_MS),
-            ),
-            TopicSpec(self.dead_letter(self.workload), DEAD_LETTER_PARTITIONS, dead_letter),
-            TopicSpec(self.dead_letter(self.agent_lifecycle), DEAD_LETTER_PARTITIONS, dead_letter),
-        )
+        letters = [
+            TopicSpec(self.dead_letter(spec.name), DEAD_LETTER_PARTITIONS, dead_letter)
+            for spec in events
+        ]
+        return (*events, *letters)
+
+
+def _settings(name: str, config: Any) -> tuple[int, dict[str, str]]:
+    partitions, retention_ms = TOPIC_SETTINGS[name]
+    return partitions, config(retention_ms)
 
 
 def ensure_topics(bootstrap_servers: str, catalogue: TopicCatalogue, timeout: float = 10.0) -> None:

@@ -19,7 +19,7 @@ from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import sql
 
 from domain.ids import spot_id, task_id
-from domain.sweeps import Sweep
+from domain.jobs.sweeps import Sweep
 from schemas.codec import EventMessage
 
 DDL = """

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 import redis
 
-from domain.store import TadpoleStore
+from eventstore.store import TadpoleStore
 from service.settings import load_settings
 from service.wiring import store_env
 from tests.e2e.conftest import Stack, free_port, health, http, wait_for

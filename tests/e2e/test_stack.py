@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from domain.store import TadpoleStore
+from eventstore.store import TadpoleStore
 from projections.postgres.tables import PostgresReadModel
 from projections.redis.dashboards import RedisReadModel
 from service.settings import load_settings

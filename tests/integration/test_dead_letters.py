@@ -17,8 +17,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from domain.commands import Heartbeat, Hello, SpotRegistered
 from domain.ids import parse_spot_id
+from domain.spots import Heartbeat, Hello, SpotRegistered
 from projections.postgres.tables import PostgresReadModel
 from service.deadletters import retry_letters
 from streaming.broker import EmbeddedBroker

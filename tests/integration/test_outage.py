@@ -27,22 +27,15 @@ from psycopg import sql
 
 from api.app import create_app
 from api.resources import ApiContext
-from domain.commands import (
-    Claimed,
-    ClaimTasks,
-    CommandProcessor,
-    CreateJob,
-    Heartbeat,
-    Hello,
-    JobCreated,
-    Ok,
-    SpotRegistered,
-)
+from domain.family import Ok
 from domain.ids import parse_job_id
-from domain.store import StorePort, TadpoleStore
-from domain.sweeps import Range, Sweep
-from domain.tasks import NEW, TaskBlock
-from service.recorder import AsyncAppender
+from domain.jobs import Claimed, ClaimTasks, CreateJob, JobCreated
+from domain.jobs.sweeps import Range, Sweep
+from domain.jobs.tasks import NEW, TaskBlock
+from domain.processor import CommandProcessor
+from domain.spots import Heartbeat, Hello, SpotRegistered
+from eventstore.recorder import AsyncAppender
+from eventstore.store import StorePort, TadpoleStore
 from service.settings import Settings
 from service.web import build_writer
 from service.wiring import open_store, store_env

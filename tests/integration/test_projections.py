@@ -30,24 +30,21 @@ from confluent_kafka import (
 )
 from psycopg import sql
 
-from domain.commands import (
+from domain.family import Result
+from domain.ids import parse_job_id, parse_spot_id
+from domain.jobs import (
     Claimed,
     ClaimedTask,
     ClaimTasks,
-    CommandProcessor,
     CompleteTask,
     CreateJob,
     FailTask,
-    Heartbeat,
-    Hello,
     JobCreated,
-    ReapSpots,
-    Result,
-    SpotRegistered,
 )
-from domain.ids import parse_job_id, parse_spot_id
-from domain.store import StorePort, TadpoleStore
-from domain.sweeps import Range, Sweep
+from domain.jobs.sweeps import Range, Sweep
+from domain.processor import CommandProcessor
+from domain.spots import Heartbeat, Hello, ReapSpots, SpotRegistered
+from eventstore.store import StorePort, TadpoleStore
 from projections.postgres.tables import PostgresReadModel
 from projections.redis.dashboards import LagSamples, RedisReadModel
 from schemas.codec import Codec, EventMessage
@@ -55,7 +52,7 @@ from service.settings import Settings
 from service.wiring import open_store
 from streaming.broker import EmbeddedBroker
 from streaming.consumer import Projector, ReadModel, StoreReader
-from streaming.relay import Relay, RelayPosition, topic_for
+from streaming.relay import Relay, RelayPosition
 from streaming.topics import TopicCatalogue, producer_config
 from tests.integration.support import relay_all, running, wait_for
 
@@ -484,7 +481,7 @@ def test_a_gap_is_healed_from_the_store(env: Env) -> None:
         assert (latest.aggregate_id, latest.version) == (uuid, 4)
         producer = Producer(producer_config(env.bootstrap))
         producer.produce(
-            topic_for(env.topics, latest.type),
+            env.topics.topic_for(latest.type),
             key=str(uuid).encode(),
             value=Codec().encode(latest),
         )

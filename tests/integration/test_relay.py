@@ -29,23 +29,20 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
-from domain.commands import (
+from domain.family import Result
+from domain.jobs import (
     Claimed,
     ClaimedTask,
     ClaimTasks,
-    CommandProcessor,
     CompleteTask,
     CreateJob,
     FailTask,
-    Heartbeat,
-    Hello,
     JobCreated,
-    ReapSpots,
-    Result,
-    SpotRegistered,
 )
-from domain.store import StorePort, TadpoleStore
-from domain.sweeps import Range, Sweep
+from domain.jobs.sweeps import Range, Sweep
+from domain.processor import CommandProcessor
+from domain.spots import Heartbeat, Hello, ReapSpots, SpotRegistered
+from eventstore.store import StorePort, TadpoleStore
 from schemas.codec import Codec, EventMessage
 from service.settings import Settings
 from service.wiring import open_store

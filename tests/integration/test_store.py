@@ -18,21 +18,13 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 from psycopg import sql
 
-from domain.commands import (
-    Claimed,
-    ClaimTasks,
-    CommandProcessor,
-    CompleteTask,
-    CreateJob,
-    Finished,
-    Hello,
-    JobCreated,
-    SpotRegistered,
-)
-from domain.store import StorePort, TadpoleStore
-from domain.sweeps import Range, Sweep
-from domain.tasks import Outcome
-from service.recorder import AsyncAppender, OneTripRecorder
+from domain.jobs import Claimed, ClaimTasks, CompleteTask, CreateJob, Finished, JobCreated
+from domain.jobs.sweeps import Range, Sweep
+from domain.jobs.tasks import Outcome
+from domain.processor import CommandProcessor
+from domain.spots import Hello, SpotRegistered
+from eventstore.recorder import AsyncAppender, OneTripRecorder
+from eventstore.store import StorePort, TadpoleStore
 from service.settings import Settings
 from service.wiring import open_store
 from service.writer import GroupCommitWriter, StoreUnavailableError

@@ -15,18 +15,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from domain.commands import (
-    Claimed,
-    ClaimTasks,
-    CommandProcessor,
-    CompleteTask,
-    CreateJob,
-    Heartbeat,
-    Hello,
-    SpotRegistered,
-)
-from domain.store import StorePort, TadpoleStore
-from domain.sweeps import VALUE_MAX, VALUE_MIN, Range, Sweep
+from domain.jobs import Claimed, ClaimTasks, CompleteTask, CreateJob
+from domain.jobs.sweeps import VALUE_MAX, VALUE_MIN, Range, Sweep
+from domain.processor import CommandProcessor
+from domain.spots import Heartbeat, Hello, SpotRegistered
+from eventstore.store import StorePort, TadpoleStore
 from projections.postgres.tables import PostgresReadModel
 from service.settings import Settings
 from service.wiring import open_store

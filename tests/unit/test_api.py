@@ -21,11 +21,15 @@ from falcon import testing
 
 from api.app import create_app
 from api.resources import ApiContext
-from domain.audit import AuditLog
-from domain.commands import Command, CommandProcessor, Result
+from domain.family import Command, Result
 from domain.ids import job_id, parse_job_id, parse_spot_id, parse_task_id, spot_id, task_id
-from domain.store import StorePort, TadpoleStore, memory_env
-from domain.tasks import DONE, FAILED
+from domain.jobs import OpenJobs
+from domain.jobs.tasks import DONE, FAILED
+from domain.processor import CommandProcessor
+from domain.spots import LiveSpots
+from eventstore.store import StorePort, TadpoleStore, memory_env
+from service.bootstrap import bootstrap
+from service.settings import Settings
 from service.writer import GroupCommitWriter, StoreUnavailableError
 
 MAX_ATTEMPTS = 3
@@ -66,11 +70,11 @@ class FlakyPort(StorePort):
         super().__init__(store)
         self.armed = False
 
-    def save(self, events: Sequence[Any], snapshots: Sequence[Any]) -> None:
+    def save(self, events: Sequence[Any], snapshots: Sequence[Any], *index: Any) -> None:
         if self.armed:
             self.armed = False
             raise ConnectionError("the database went away")
-        super().save(events, snapshots)
+        super().save(events, snapshots, *index)
 
 
 class DirectWriter:
@@ -120,12 +124,12 @@ class FakeRedis:
 
 def job_view(processor: CommandProcessor, public_id: str) -> dict[str, Any] | None:
     """A job as both read models show it, from the processor's state."""
-    job = processor.job(parse_job_id(public_id))
+    job = processor.state(OpenJobs).job(parse_job_id(public_id))
     if job is None:
         return None
     statuses = []
     for number in range(job.block_count):
-        block = processor.block(job, number)
+        block = processor.state(OpenJobs).block(job, number)
         assert block is not None
         first, count = job.block_range(number)
         statuses += [block.view(i).status for i in range(first, first + count)]
@@ -240,22 +244,19 @@ class Api:
 
 
 def make_api(agent_key: str = "", max_sweep_tasks: int = 100_000) -> Api:
+    """The API as production builds it (service.bootstrap), with a store in memory, a
+    writer without group commit and fake views."""
     store = TadpoleStore(memory_env())
     port = FlakyPort(store)
     processor = CommandProcessor(port, MAX_ATTEMPTS, 5.0)
     writer = DirectWriter(processor)
     redis = FakeRedis(processor)
     postgres = FakePostgres(processor)
-    ctx = ApiContext(
-        writer=writer,
-        redis=redis,  # type: ignore[arg-type]
-        postgres=postgres,  # type: ignore[arg-type]
-        audit=AuditLog(store),
-        block_ids=lambda job: j.block_ids() if (j := processor.jobs.get(job)) else [],
-        max_sweep_tasks=max_sweep_tasks,
-        read_wait=0.05,
-        spot_ids=lambda: list(processor.spots),
+    settings = Settings(max_sweep_tasks=max_sweep_tasks, read_wait=0.05, agent_key=agent_key)
+    tadpole = bootstrap(
+        settings, store=store, processor=processor, writer=writer, redis=redis, postgres=postgres
     )
+    ctx = tadpole.ctx
     client = testing.TestClient(create_app(ctx, agent_key))
     return Api(store, port, processor, writer, redis, postgres, ctx, client, agent_key)
 
@@ -299,7 +300,7 @@ def test_created_job_reads_back(api: Api) -> None:
     uuid = parse_job_id(job)
     asked = set(api.redis.asked[-1])
     assert uuid in asked
-    assert set(api.processor.jobs[uuid].block_ids()) <= asked
+    assert set(api.processor.state(OpenJobs).jobs[uuid].block_ids()) <= asked
 
 
 def test_idempotent_retry_answers_200_with_the_same_job_and_stores_nothing(api: Api) -> None:
@@ -716,7 +717,7 @@ def test_spots_lists_the_read_model_after_waiting_for_own_writes(api: Api) -> No
 
     assert result.status_code == 200
     assert result.json == {"spots": [row]}
-    assert api.postgres.asked[-1] == list(api.processor.spots)
+    assert api.postgres.asked[-1] == list(api.processor.state(LiveSpots).spots)
 
 
 # ---- hello and heartbeat -------------------------------------------------------------
@@ -727,7 +728,7 @@ def test_hello_registers_a_spot(api: Api) -> None:
 
     assert result.status_code == 200
     assert set(result.json) == {"spotId"}
-    spot = api.processor.spot(result.json["spotId"])
+    spot = api.processor.state(LiveSpots).find(result.json["spotId"])
     assert spot is not None
     assert spot.ip_address == "192.168.1.100"
 
@@ -763,7 +764,7 @@ def test_heartbeat_answers_success_and_records_figures(api: Api) -> None:
 
     assert result.status_code == 200
     assert result.json == {"success": True}
-    stored = api.processor.spot(spot)
+    stored = api.processor.state(LiveSpots).find(spot)
     assert stored is not None
     assert stored.figures() == ("192.168.1.100", 45.2, 2, 8)
 
@@ -1162,8 +1163,8 @@ def test_invalid_fail_is_400_naming_the_field(
         "/internal/v1/hello",
         "/internal/v1/heartbeat",
         "/internal/v1/tasks/claim",
-        "/internal/v1/tasks/task-xyz/complete",
-        "/internal/v1/tasks/task-xyz/fail",
+        "/internal/v1/tasks/task-" + "0" * 32 + "-0/complete",
+        "/internal/v1/tasks/task-" + "0" * 32 + "-0/fail",
     ],
 )
 @pytest.mark.parametrize(
@@ -1202,7 +1203,7 @@ def test_internal_api_needs_the_agent_key() -> None:
     assert right.status_code == 200
     assert set(right.json) == {"spotId"}
     assert api.writer.submitted != []
-    assert len(api.processor.spots) == 1
+    assert len(api.processor.state(LiveSpots).spots) == 1
 
 
 def test_refused_internal_requests_store_nothing() -> None:

@@ -13,6 +13,7 @@ from uuid import UUID
 import pytest
 
 from domain.ids import parse_job_id
+from domain.spots import LiveSpots
 from tests.unit.test_api import Api, FakePostgres, FakeRedis, error, make_api, small_job
 
 
@@ -91,7 +92,7 @@ def test_the_doubled_slash_reaches_the_worker_resource_with_the_key() -> None:
     result = api.client.simulate_post("//internal/v1/hello", body=_worker_body("x"), headers=KEY)
 
     assert result.status_code == 200
-    assert len(api.processor.spots) == 1
+    assert len(api.processor.state(LiveSpots).spots) == 1
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE", "PURGE"])
@@ -273,7 +274,7 @@ def test_the_64_bit_bounds_themselves_are_accepted() -> None:
     done = scene.send("complete", {"iter": INT64_MIN, "runtimeMs": INT64_MAX, "fopt": -1e308})
 
     assert (beat.status_code, done.status_code) == (200, 200), (beat.json, done.json)
-    spot = scene.api.processor.spot(scene.spot)
+    spot = scene.api.processor.state(LiveSpots).find(scene.spot)
     assert spot is not None
     assert spot.figures()[2:] == (INT64_MAX, INT64_MAX)
 
@@ -418,7 +419,7 @@ def test_a_spots_query_that_gave_up_waiting_says_how_stale_it_is(api: Api) -> No
     api.hello()
     api.hello("10.0.0.2")
     api.ctx.postgres = Lagging(api.postgres, None)  # type: ignore[assignment]
-    behind = sum(api.writer.known_versions(list(api.processor.spots)).values())
+    behind = sum(api.writer.known_versions(list(api.processor.state(LiveSpots).spots)).values())
 
     result = api.get("/api/v1/spots")
 

@@ -13,19 +13,11 @@ import pytest
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 import schemas.codec as codec_module
-from domain.commands import (
-    ClaimTasks,
-    CommandProcessor,
-    CompleteTask,
-    CreateJob,
-    FailTask,
-    Heartbeat,
-    Hello,
-    ReapSpots,
-    ReapTasks,
-)
-from domain.store import StorePort, TadpoleStore, memory_env
-from domain.sweeps import Range, Sweep
+from domain.jobs import ClaimTasks, CompleteTask, CreateJob, FailTask, ReapTasks
+from domain.jobs.sweeps import Range, Sweep
+from domain.processor import CommandProcessor
+from domain.spots import Heartbeat, Hello, ReapSpots
+from eventstore.store import StorePort, TadpoleStore, memory_env
 from schemas.codec import MARKER, Codec, DecodeError, EventMessage, message_from_event
 from schemas.events import (
     AVRO_DIR,

@@ -10,32 +10,26 @@ from uuid import uuid4
 
 import pytest
 
-from domain.commands import (
+from domain.family import ConflictError, NotFoundError, Ok, Reaped
+from domain.ids import block_id, parse_job_id, parse_spot_id, parse_task_id, task_id
+from domain.jobs import (
     BLOCK_SIZE,
     ClaimedTask,
     ClaimTasks,
-    CommandProcessor,
     CompleteTask,
-    ConflictError,
     CreateJob,
     FailTask,
     Finished,
-    Heartbeat,
-    Hello,
     JobCreated,
-    NotFoundError,
-    Ok,
-    Reaped,
-    ReapSpots,
+    OpenJobs,
     ReapTasks,
     ReleaseClaims,
-    SpotRegistered,
 )
-from domain.ids import block_id, parse_job_id, parse_spot_id, parse_task_id, task_id
-from domain.spots import DOWN, UP, Spot
-from domain.store import StorePort, TadpoleStore, memory_env
-from domain.sweeps import Range, Sweep
-from domain.tasks import DONE, FAILED, NEW, RUNNING, Outcome, TaskBlock
+from domain.jobs.sweeps import Range, Sweep
+from domain.jobs.tasks import DONE, FAILED, NEW, RUNNING, Outcome, TaskBlock
+from domain.processor import CommandProcessor
+from domain.spots import DOWN, UP, Heartbeat, Hello, LiveSpots, ReapSpots, Spot, SpotRegistered
+from eventstore.store import StorePort, TadpoleStore, memory_env
 
 T0 = datetime(2026, 1, 28, 16, 0, tzinfo=UTC)
 MAX_ATTEMPTS = 3
@@ -65,11 +59,11 @@ class FlakyPort(StorePort):
         super().__init__(store)
         self.armed = False
 
-    def save(self, events: Sequence[Any], snapshots: Sequence[Any]) -> None:
+    def save(self, events: Sequence[Any], snapshots: Sequence[Any], *index: Any) -> None:
         if self.armed:
             self.armed = False
             raise ConnectionError("the database went away")
-        super().save(events, snapshots)
+        super().save(events, snapshots, *index)
 
 
 @dataclass
@@ -587,11 +581,11 @@ def assert_processor_matches_store(world: World, job: str, tasks: int) -> None:
         number = index // BLOCK_SIZE
         stored = world.store.load(block_id(uuid, number))
         assert isinstance(stored, TaskBlock)
-        held = processor.blocks.get(stored.id)
+        held = processor.state(OpenJobs).blocks.get(stored.id)
         if held is not None:
             assert held.version == stored.version
             assert held.view(index) == stored.view(index)
-    for uuid_, spot in processor.spots.items():
+    for uuid_, spot in processor.state(LiveSpots).spots.items():
         stored_spot = world.store.load(uuid_)
         assert isinstance(stored_spot, Spot)
         assert (spot.version, spot.status) == (stored_spot.version, stored_spot.status)
@@ -644,8 +638,8 @@ def test_after_a_store_failure_the_processor_state_equals_the_store(world: World
     assert world.stored_spot(spot).status == UP
     assert world.one(Heartbeat(spot), at(100)) == Ok()
     assert_processor_matches_store(world, job, 4)
-    assert world.processor.spots[parse_spot_id(spot)].status == UP
-    view = world.processor.blocks[block_id(parse_job_id(job), 0)].view(0)
+    assert world.processor.state(LiveSpots).spots[parse_spot_id(spot)].status == UP
+    view = world.processor.state(OpenJobs).blocks[block_id(parse_job_id(job), 0)].view(0)
     assert (view.status, view.holder, view.fence) == (RUNNING, spot, 1)
 
 
@@ -689,7 +683,7 @@ def test_finished_blocks_leave_memory_and_answer_from_the_store(world: World) ->
     spot = world.spot()
     (task,) = world.claim(spot, 1)
     world.complete(task.task_id, spot, task.fence)
-    assert block_id(job, 0) not in world.processor.blocks
+    assert block_id(job, 0) not in world.processor.state(OpenJobs).blocks
     assert world.complete(task.task_id, spot, task.fence) == Finished(Outcome.ALREADY_COMPLETED)
     world.restart()
     assert world.complete(task.task_id, spot, task.fence) == Finished(Outcome.ALREADY_COMPLETED)

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from domain.commands import (
-    ClaimTasks,
-    CommandProcessor,
-    CompleteTask,
-    CreateJob,
-    Hello,
-    JobCreated,
-    SpotRegistered,
-)
 from domain.ids import block_id, parse_job_id
-from domain.store import StorePort, TadpoleStore, memory_env
-from domain.sweeps import Range, Sweep
-from domain.tasks import TaskBlock
+from domain.jobs import ClaimTasks, CompleteTask, CreateJob, JobCreated, OpenJobs
+from domain.jobs.sweeps import Range, Sweep
+from domain.jobs.tasks import TaskBlock
+from domain.processor import CommandProcessor
+from domain.spots import Hello, SpotRegistered
+from eventstore.store import StorePort, TadpoleStore, memory_env
 from schemas.codec import Codec, message_from_event
 
 ONE_MB = 1024 * 1024
@@ -47,7 +41,7 @@ def test_a_block_is_snapshotted_every_100_events_and_loads_from_it() -> None:
     # Loading starts from the snapshot and ends where the writer is.
     loaded = store.load(block)
     assert isinstance(loaded, TaskBlock)
-    live = processor.blocks[block]
+    live = processor.state(OpenJobs).blocks[block]
     assert loaded.version == live.version == 221
     assert loaded.status == live.status
     assert loaded.fences == live.fences

@@ -19,7 +19,7 @@ from domain.ids import (
     spot_id,
     task_id,
 )
-from domain.sweeps import Range, Sweep, SweepError, TaskParams
+from domain.jobs.sweeps import Range, Sweep, SweepError, TaskParams
 
 #: A byte cap no test sweep reaches unless it means to.
 ROOMY = 1 << 20

@@ -7,7 +7,7 @@ from uuid import uuid4
 
 import pytest
 
-from domain.tasks import (
+from domain.jobs.tasks import (
     DONE,
     FAILED,
     NEW,

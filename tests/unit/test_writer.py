@@ -11,20 +11,13 @@ from typing import Any
 
 import pytest
 
-from domain.commands import (
-    Claimed,
-    ClaimTasks,
-    CommandProcessor,
-    CreateJob,
-    Heartbeat,
-    Hello,
-    JobCreated,
-    Ok,
-    SpotRegistered,
-)
-from domain.store import StorePort, TadpoleStore, memory_env
-from domain.sweeps import Range, Sweep
-from domain.tasks import TaskBlock
+from domain.family import Ok
+from domain.jobs import Claimed, ClaimTasks, CreateJob, JobCreated, OpenJobs
+from domain.jobs.sweeps import Range, Sweep
+from domain.jobs.tasks import TaskBlock
+from domain.processor import CommandProcessor
+from domain.spots import Heartbeat, Hello, LiveSpots, SpotRegistered
+from eventstore.store import StorePort, TadpoleStore, memory_env
 from service.writer import (
     RETRY_FIRST,
     GroupCommitWriter,
@@ -53,8 +46,8 @@ async def test_a_refused_snapshot_does_not_fail_a_stored_batch() -> None:
     port = SnapshotsFail(store)
     processor = CommandProcessor(port, 3, 5.0)
 
-    async def append(events: Sequence[Any]) -> list[int]:
-        return [r.notification.id for r in store.save(*events)]
+    async def append(events: Sequence[Any], opened: Any, closed: Any) -> list[int]:
+        return [r.notification.id for r in store.save(*events, opened=opened, closed=closed)]
 
     writer = GroupCommitWriter(processor, append=append)
     writer.start()
@@ -68,7 +61,9 @@ async def test_a_refused_snapshot_does_not_fail_a_stored_batch() -> None:
             assert isinstance(answer, Ok), (n, answer)
         assert port.refused == 1
         assert not processor.needs_recovery
-        spot = store.repository.get(processor.spots[next(iter(processor.spots))].id)
+        spot = store.repository.get(
+            processor.state(LiveSpots).spots[next(iter(processor.state(LiveSpots).spots))].id
+        )
         assert spot.version == 101
     finally:
         await writer.stop()
@@ -93,14 +88,14 @@ class FakeStore:
         #: Store the next append, then fail it: a commit whose answer was lost.
         self.lose_answer = False
 
-    async def append(self, events: Sequence[Any]) -> list[int]:
+    async def append(self, events: Sequence[Any], opened: Any, closed: Any) -> list[int]:
         if not self.open.is_set():
             self.held += 1
             await self.open.wait()
         if self.error is not None:
             raise self.error
         self.appended.extend(events)
-        ids = [r.notification.id for r in self.store.save(*events)]
+        ids = [r.notification.id for r in self.store.save(*events, opened=opened, closed=closed)]
         if self.lose_answer:
             self.lose_answer = False
             raise ConnectionError("the connection was lost after the commit")
@@ -144,7 +139,7 @@ def claimed(fake: FakeStore) -> list[Any]:
 
 
 def new_tasks(writer: GroupCommitWriter) -> int:
-    return sum(b.new_count() for b in writer.processor.blocks.values())
+    return sum(b.new_count() for b in writer.processor.state(OpenJobs).blocks.values())
 
 
 async def test_a_command_still_queued_at_its_deadline_is_answered_503_and_never_decided(

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
+from uuid import UUID
 
 import psycopg
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
@@ -36,6 +37,10 @@ from psycopg.sql import SQL, Identifier, Literal
 TOPIC = f"{__name__}:OneTripRecorder"
 
 _T = TypeVar("_T")
+
+#: The index of open work's mark that it is built (a row no aggregate can have).
+BUILT = UUID(int=0)
+BUILT_KIND = "*built*"
 
 
 class OneTripRecorder(PostgresApplicationRecorder):
@@ -53,10 +58,26 @@ class OneTripRecorder(PostgresApplicationRecorder):
             "channel": Identifier(self.channel_name),
             "lock_timeout": Literal(f"{datastore.lock_timeout}s"),
         }
-        self.sql_create_statements.append(
+        open_table = f"{events_table_name}_open"
+        self.check_identifier_length(open_table)
+        names["open"] = Identifier(open_table)
+        self.sql_create_statements += [
+            # The index of open work (see domain.processor): changed in the very
+            # statement that appends the events that open or close the work.
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {schema}.{open} ("
+                "id {id_type} PRIMARY KEY, kind text NOT NULL)"
+            ).format(**names),
+            # Built from the start in a store that has no events yet; a store written
+            # before there was an index gets it built once, by the writer.
+            SQL(
+                "INSERT INTO {schema}.{open} SELECT {built}::{id_type}, {built_kind} "
+                "WHERE NOT EXISTS (SELECT FROM {schema}.{table}) ON CONFLICT DO NOTHING"
+            ).format(**names, built=Literal(str(BUILT)), built_kind=Literal(BUILT_KIND)),
             SQL(
                 "CREATE OR REPLACE FUNCTION {schema}.{function}("
-                "ids {id_type}[], versions bigint[], topics text[], states bytea[]) "
+                "ids {id_type}[], versions bigint[], topics text[], states bytea[], "
+                "open_ids {id_type}[], open_kinds text[], closed_ids {id_type}[]) "
                 "RETURNS SETOF bigint LANGUAGE plpgsql AS $body$ "
                 "BEGIN "
                 "PERFORM set_config('lock_timeout', {lock_timeout}, true); "
@@ -66,24 +87,60 @@ class OneTripRecorder(PostgresApplicationRecorder):
                 "(originator_id, originator_version, topic, state) "
                 "SELECT * FROM unnest(ids, versions, topics, states) "
                 "RETURNING notification_id; "
+                "INSERT INTO {schema}.{open} SELECT * FROM unnest(open_ids, open_kinds) "
+                "ON CONFLICT (id) DO NOTHING; "
+                "DELETE FROM {schema}.{open} WHERE id = ANY(closed_ids); "
                 "END $body$"
-            ).format(**names)
-        )
+            ).format(**names),
+        ]
         self.append_statement = SQL(
-            "SELECT * FROM {schema}.{function}"
-            "(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[])"
+            "SELECT * FROM {schema}.{function}(%s::{id_type}[], %s::bigint[], %s::text[], "
+            "%s::bytea[], %s::{id_type}[], %s::text[], %s::{id_type}[])"
         ).format(**names)
+        self.select_open_statement = SQL("SELECT id, kind FROM {schema}.{open}").format(**names)
+        self.replace_open_statements = (
+            SQL("LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE").format(**names),
+            SQL("DELETE FROM {schema}.{open}").format(**names),
+            SQL(
+                "INSERT INTO {schema}.{open} SELECT * FROM unnest(%s::{id_type}[], %s::text[])"
+            ).format(**names),
+        )
         self.append_column = function
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def insert_events(
-        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+        self,
+        stored_events: Sequence[StoredEvent],
+        *,
+        opened: Mapping[Any, str] | None = None,
+        closed: Sequence[Any] = (),
+        **kwargs: Any,
     ) -> Sequence[int] | None:
         if not stored_events:
             return []
+        params = _columns(stored_events, opened or {}, closed)
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(self.append_statement, _columns(stored_events), prepare=True)
+            curs.execute(self.append_statement, params, prepare=True)
             return [row[self.append_column] for row in curs.fetchall()]
+
+    def open_aggregates(self) -> dict[UUID, str] | None:
+        """The index of open work; None until it was built."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self.select_open_statement)
+            rows = {UUID(str(row["id"])): row["kind"] for row in curs.fetchall()}
+        if rows.pop(BUILT, None) is None:
+            return None
+        return rows
+
+    def build_open_index(self, opened: Mapping[UUID, str]) -> None:
+        """Replace the index with ``opened``, marked built (appends wait meanwhile)."""
+        lock, delete, insert = self.replace_open_statements
+        ids = [BUILT, *opened]
+        kinds = [BUILT_KIND, *opened.values()]
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(lock)
+            curs.execute(delete)
+            curs.execute(insert, (ids, kinds))
 
 
 class AsyncAppender:
@@ -113,8 +170,14 @@ class AsyncAppender:
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self._abandoned: set[asyncio.Task[Any]] = set()
 
-    async def append(self, events: Sequence[Any]) -> list[int]:
-        """Store ``events`` atomically; their notification ids.
+    async def append(
+        self,
+        events: Sequence[Any],
+        opened: Mapping[Any, str] | None = None,
+        closed: Sequence[Any] = (),
+    ) -> list[int]:
+        """Store ``events`` atomically, with the changes to the index of open work;
+        their notification ids.
 
         A connection found broken (the server restarted while it idled) is
         replaced and the append tried once more. That is safe even when the first
@@ -122,8 +185,8 @@ class AsyncAppender:
         those versions taken and raises ``IntegrityError``, and the writer
         reloads from the store.
         """
-        params = _columns([self.mapper.to_stored_event(e) for e in events])
-        return await self._bounded(self._append(params))
+        stored = [self.mapper.to_stored_event(e) for e in events]
+        return await self._bounded(self._append(_columns(stored, opened or {}, closed)))
 
     async def ping(self) -> None:
         """Return when the database answers; raise when it cannot be reached in time."""
@@ -202,10 +265,15 @@ class AsyncAppender:
             self.conn = None
 
 
-def _columns(stored: Sequence[StoredEvent]) -> tuple[list[Any], ...]:
+def _columns(
+    stored: Sequence[StoredEvent], opened: Mapping[Any, str], closed: Sequence[Any]
+) -> tuple[list[Any], ...]:
     return (
         [e.originator_id for e in stored],
         [e.originator_version for e in stored],
         [e.topic for e in stored],
         [e.state for e in stored],
+        list(opened),
+        list(opened.values()),
+        list(closed),
     )

@@ -1,0 +1,41 @@
+"""Falcon route converters: a path's job or task id is parsed before a responder runs.
+
+An id that is not one of ours is a 404 with the message seed 003's clients
+know (``job not found``); one with a value no id may hold (a NUL) is a 400, as
+everywhere else (:func:`api.validation.scalar_fits`).
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import falcon
+import falcon.routing
+
+from api import validation as v
+from domain.ids import UnknownIdError, parse_job_id, parse_task_id
+
+
+class JobId(falcon.routing.BaseConverter):
+    """``{job_id:job}``: the job's aggregate id."""
+
+    def convert(self, value: str) -> UUID:
+        v.scalar_fits(value, "job_id")
+        try:
+            return parse_job_id(value)
+        except UnknownIdError:
+            raise falcon.HTTPNotFound(description="job not found") from None
+
+
+class TaskId(falcon.routing.BaseConverter):
+    """``{task_id:task}``: a task id, checked to be one (the text itself is passed on)."""
+
+    def convert(self, value: str) -> str:
+        v.scalar_fits(value, "task_id")
+        try:
+            return parse_task_id(value).id
+        except UnknownIdError:
+            raise falcon.HTTPNotFound(description="task not found") from None
+
+
+CONVERTERS: dict[str, type[falcon.routing.BaseConverter]] = {"job": JobId, "task": TaskId}

@@ -1,0 +1,34 @@
+"""The spots family's commands and results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Hello:
+    ip_address: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A spot's sign of life; a figure left out keeps its last reported value."""
+
+    spot_id: str
+    ip_address: str | None = None
+    cpu_load: float | None = None
+    running_tasks: int | None = None
+    total_cores: int | None = None
+
+
+@dataclass(frozen=True)
+class ReapSpots:
+    """SpotReaper: spots silent for longer than ``timeout`` seconds go DOWN, and every
+    family takes back the work they held."""
+
+    timeout: float
+
+
+@dataclass(frozen=True)
+class SpotRegistered:
+    spot_id: str
