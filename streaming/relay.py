@@ -98,15 +98,20 @@ class RelayPosition:
         )
         return conn
 
-    def _one(self, statement: sql.Composed, params: tuple[Any, ...]) -> Any:
-        """Run a statement, on a new connection if there is none or the last one broke;
-        its first row."""
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        """The connection: opened on first use, and anew once the last one closed."""
         if self._conn is None or self._conn.closed:
             self._conn = self._connect()
+        return self._conn
+
+    def _one(self, statement: sql.Composed, params: tuple[Any, ...]) -> Any:
+        """Run a statement (on a new connection if the last one broke); its first row."""
+        conn = self.conn
         try:
-            return self._conn.execute(statement, params).fetchone()
+            return conn.execute(statement, params).fetchone()
         except psycopg.OperationalError:
-            self._conn.close()
+            conn.close()
             raise
 
     def get(self) -> int:

@@ -16,7 +16,6 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -32,13 +31,12 @@ from domain.ids import parse_job_id
 from domain.jobs import Claimed, ClaimTasks, CreateJob, JobCreated
 from domain.jobs.sweeps import Range, Sweep
 from domain.jobs.tasks import NEW, TaskBlock
-from domain.processor import CommandProcessor
 from domain.spots import Heartbeat, Hello, SpotRegistered
 from eventstore.recorder import AsyncAppender
-from eventstore.store import StorePort, TadpoleStore
+from eventstore.store import TadpoleStore
+from service.bootstrap import bootstrap
 from service.settings import Settings
-from service.web import build_writer
-from service.wiring import open_store, store_env
+from service.wiring import store_env
 from service.writer import GroupCommitWriter, OutcomeUnknownError, StoreUnavailableError
 from tests.integration.support import TcpProxy
 
@@ -81,12 +79,11 @@ def settings(proxy: TcpProxy) -> Iterator[Settings]:
 
 @pytest.fixture
 async def deployment(proxy: TcpProxy, settings: Settings) -> AsyncIterator[Deployment]:
-    store = await asyncio.to_thread(open_store, settings)
+    tadpole = bootstrap(settings, run_reapers=False)
+    await tadpole.start()  # opens the store, recovers and starts the writer
+    assert isinstance(tadpole.writer, GroupCommitWriter) and tadpole.appender is not None
+    writer, appender = tadpole.writer, tadpole.appender
     direct = TadpoleStore(store_env(settings.with_changes(database_url=Settings().database_url)))
-    processor = CommandProcessor(StorePort(store), 3, 5.0)
-    await asyncio.to_thread(processor.recover, datetime.now(UTC))
-    writer, appender = build_writer(store, processor, settings)
-    writer.start()
     try:
         hello = await writer.submit(Hello("10.0.0.1"))
         assert isinstance(hello, SpotRegistered)
@@ -95,9 +92,7 @@ async def deployment(proxy: TcpProxy, settings: Settings) -> AsyncIterator[Deplo
         yield Deployment(proxy, writer, appender, direct, hello.spot_id, parse_job_id(job.job_id))
     finally:
         proxy.restore()
-        await writer.stop()
-        await appender.close()
-        store.close()
+        await tadpole.stop()
         direct.close()
 
 

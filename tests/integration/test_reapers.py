@@ -9,7 +9,7 @@ from uuid import uuid4
 import pytest
 
 from service.settings import load_settings
-from service.web import Reapers
+from service.reapers import Reapers
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,97 @@
+"""The registry: every event, command and result the families declare is served everywhere.
+
+A new family's events need a committed Avro schema, a topic with settings, and a
+handler (or an explicit "not shown here") in every read model; its results need
+an HTTP answer; its entities an audit view. :func:`problems` lists what is
+missing, and the real registry must have none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from eventsourcing.domain import Aggregate
+
+from api.errors import RESPONSES
+from domain import registry
+from domain.family import Family
+from domain.registry import event_type
+from projections.postgres.tables import PostgresReadModel
+from projections.redis.dashboards import RedisReadModel
+from schemas.events import AVRO_DIR
+from streaming.topics import TOPIC_SETTINGS, TopicCatalogue
+
+READ_MODELS = (PostgresReadModel, RedisReadModel)
+
+
+def problems(families: Sequence[Family]) -> list[str]:
+    """Everything the families declare that some part of Tadpole does not serve."""
+    found = []
+    for family in families:
+        if family.topic not in TOPIC_SETTINGS:
+            found.append(f"{family.name}: topic {family.topic!r} has no settings")
+        for event in family.events:
+            kind = event_type(event)
+            if not (AVRO_DIR / f"{kind}.avsc").exists():
+                found.append(f"{kind}: no schema (run `make schemas`)")
+            for model in READ_MODELS:
+                if kind not in model.HANDLED | model.NOT_SHOWN:
+                    found.append(f"{kind}: {model.__name__} neither handles it nor says NOT_SHOWN")
+        for result in family.results:
+            if result not in RESPONSES:
+                found.append(f"{result.__name__}: no HTTP answer in api.errors.RESPONSES")
+        if not family.handlers:
+            found.append(f"{family.name}: no command handlers")
+    return found
+
+
+def test_every_declared_event_result_and_topic_is_served() -> None:
+    assert problems(registry.FAMILIES) == []
+
+
+class Gadget(Aggregate):
+    class Made(Aggregate.Created):
+        name: str
+
+
+@dataclass(frozen=True)
+class MakeGadget:
+    name: str
+
+
+@dataclass(frozen=True)
+class GadgetMade:
+    gadget_id: str
+
+
+def test_a_family_left_out_anywhere_is_reported() -> None:
+    gadgets = Family(
+        name="gadgets",
+        events=(Gadget.Made,),
+        topic="gadgets",
+        handlers={MakeGadget: lambda work, command: GadgetMade("g")},
+        results=(GadgetMade,),
+        state=lambda config: None,  # type: ignore[arg-type, return-value]
+    )
+    assert problems([gadgets]) == [
+        "gadgets: topic 'gadgets' has no settings",
+        "Gadget.Made: no schema (run `make schemas`)",
+        "Gadget.Made: PostgresReadModel neither handles it nor says NOT_SHOWN",
+        "Gadget.Made: RedisReadModel neither handles it nor says NOT_SHOWN",
+        "GadgetMade: no HTTP answer in api.errors.RESPONSES",
+    ]
+
+
+def test_each_event_goes_to_its_familys_topic() -> None:
+    catalogue = TopicCatalogue("t")
+    for family in registry.FAMILIES:
+        for event in family.events:
+            assert catalogue.topic_for(event_type(event)) == f"t.{family.topic}"
+    assert set(catalogue.event_topics) == {f"t.{f.topic}" for f in registry.FAMILIES}
+    assert set(catalogue.event_topics) <= set(catalogue.all_topics)
+
+
+def test_every_command_has_exactly_one_handler() -> None:
+    commands = [c for f in registry.FAMILIES for c in f.handlers]
+    assert len(commands) == len(set(commands))
