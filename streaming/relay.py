@@ -210,6 +210,7 @@ class Relay:
         produced and only then records the position. A failed round is re-sent
         from the last recorded position.
         """
+        self.producer  # noqa: B018  # made now, at the start, as the loop's trouble handling expects
         backoff = Backoff()
         produced: int | None = None
         unconfirmed: list[EventMessage] = []

@@ -8,8 +8,8 @@ from uuid import uuid4
 
 import pytest
 
-from service.settings import load_settings
 from service.reapers import Reapers
+from service.settings import load_settings
 
 pytestmark = pytest.mark.integration
 

@@ -692,3 +692,109 @@ def test_finished_blocks_leave_memory_and_answer_from_the_store(world: World) ->
 def test_commands_without_an_answer_of_their_own_answer_ok(world: World) -> None:
     spot = world.spot()
     assert world.one(Heartbeat(spot)) == Ok()
+
+
+# ---- cost independent of history --------------------------------------------------------
+
+
+class CountingPort(FlakyPort):
+    """Counts the aggregates loaded from the store; can play a store that has no index."""
+
+    def __init__(self, store: TadpoleStore):
+        super().__init__(store)
+        self.loaded: list[Any] = []
+        self.no_index = False
+        self.built: dict[Any, str] | None = None
+
+    def load(self, uuid: Any) -> Any:
+        self.loaded.append(uuid)
+        return super().load(uuid)
+
+    def open_aggregates(self) -> dict[Any, str] | None:
+        return None if self.no_index else super().open_aggregates()
+
+    def build_open_index(self, opened: Any) -> None:
+        self.built = dict(opened)
+        self.no_index = False
+        super().build_open_index(opened)
+
+
+def finished_history(world: World, jobs: int) -> tuple[str, str, str]:
+    """``jobs`` finished one-task jobs, one open job, a spot UP and a spot DOWN."""
+    down = world.spot()
+    spot = world.spot()
+    for _ in range(jobs):
+        world.job(1)
+        (task,) = world.claim(spot, 1)
+        assert world.complete(task.task_id, spot, task.fence) == Finished(Outcome.ACCEPTED)
+    open_job = world.job(3)
+    world.one(Heartbeat(spot), now=at(20))
+    world.one(ReapSpots(10.0), now=at(20))  # the silent one goes DOWN
+    return open_job, spot, down
+
+
+def test_start_up_loads_the_open_work_only_not_history() -> None:
+    world = World()
+    world.port = port = CountingPort(world.store)
+    world.restart()
+    open_job, spot, down = finished_history(world, 40)
+    assert world.store.open_aggregates() == {
+        block_id(parse_job_id(open_job), 0): "TaskBlock",
+        parse_spot_id(spot): "Spot",
+    }
+    port.loaded.clear()
+    processor = world.restart()
+    processor.recover(at(21))
+    # The open block, its job and the live spot: not the 40 finished jobs and blocks.
+    assert sorted(map(str, port.loaded)) == sorted(
+        map(str, [block_id(parse_job_id(open_job), 0), parse_job_id(open_job), parse_spot_id(spot)])
+    )
+    assert list(processor.state(LiveSpots).spots) == [parse_spot_id(spot)]
+    # ...and it works on as before: the open job's tasks are claimed, a DOWN spot comes back.
+    claimed = world.claim(spot, 5, now=at(21))
+    assert {parse_task_id(t.task_id).job for t in claimed} == {parse_job_id(open_job)}
+    assert world.one(Heartbeat(down), now=at(21)) == Ok()
+    assert world.stored_spot(down).status == UP
+
+
+def test_finished_work_leaves_memory_and_late_reports_load_it_on_demand() -> None:
+    world = World()
+    spot = world.spot()
+    tasks = []
+    for _ in range(3):
+        world.job(1)
+        (task,) = world.claim(spot, 1)
+        world.complete(task.task_id, spot, task.fence)
+        tasks.append(task)
+    jobs = world.processor.state(OpenJobs)
+    assert jobs.jobs == {} and jobs.blocks == {}
+    # A duplicate report on a finished task is answered as before.
+    first = tasks[0]
+    assert world.complete(first.task_id, spot, first.fence) == Finished(Outcome.ALREADY_COMPLETED)
+
+
+def test_memory_of_closed_work_is_bounded() -> None:
+    world = World()
+    jobs = world.processor.state(OpenJobs)
+    jobs.recent_jobs.size = jobs.recent_blocks.size = 10
+    spot = world.spot()
+    for _ in range(30):
+        world.job(1)
+        (task,) = world.claim(spot, 1)
+        world.complete(task.task_id, spot, task.fence)
+    assert len(jobs.recent_jobs) == len(jobs.recent_blocks) == 10
+    assert jobs.jobs == {} and jobs.blocks == {}
+
+
+def test_a_store_written_before_the_index_gets_it_built_once() -> None:
+    world = World()
+    world.port = port = CountingPort(world.store)
+    world.restart()
+    finished_history(world, 5)
+    expected = world.store.open_aggregates()
+    port.no_index = True
+    world.restart().recover(at(21))
+    assert port.built == expected  # found by loading every block and spot once
+    port.loaded.clear()
+    world.restart().recover(at(22))
+    assert len(port.loaded) == 3  # from then on, from the index
