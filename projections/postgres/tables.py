@@ -19,7 +19,18 @@ from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import sql
 
 from domain.ids import spot_id, task_id
+from domain.spots import DOWN, UP
 from domain.sweeps import Sweep
+from projections.status import (
+    DONE,
+    FAILED,
+    NEW,
+    RUNNING,
+    job_running_sql,
+    job_status,
+    job_status_sql,
+    literal,
+)
 from schemas.codec import EventMessage
 
 DDL = """
@@ -92,6 +103,28 @@ $$;
 """
 
 TABLES = ("jobs", "tasks", "spots", "applied", "checkpoint")
+
+#: A job's counts and status from what its tasks show (see ``_write``).
+_JOBS_FROM_TASKS = (
+    "UPDATE {schema}.jobs j SET completed_tasks = t.done, failed_tasks = t.failed, "
+    f"status = {job_status_sql('j.total_tasks', 't.done', 't.failed')}, "
+    f"finished_at = CASE WHEN {job_running_sql('j.total_tasks', 't.done', 't.failed')} "
+    "THEN NULL ELSE t.at END FROM (SELECT job_id, "
+    f"count(*) FILTER (WHERE status = {literal(DONE)}) AS done, "
+    f"count(*) FILTER (WHERE status = {literal(FAILED)}) AS failed, "
+    f"max(finished_at) FILTER (WHERE status IN ({literal(DONE)}, {literal(FAILED)})) AS at "
+    "FROM {schema}.tasks WHERE job_id = ANY(%s) GROUP BY job_id) t "
+    "WHERE j.id = t.job_id"
+)
+
+#: The jobs whose last task this batch finished: their status and when they finished.
+_JOBS_FINISHED = (
+    "UPDATE {schema}.jobs j SET finished_at = u.at, "
+    f"status = {job_status_sql('j.total_tasks', 'j.completed_tasks', 'j.failed_tasks')} "
+    "FROM unnest(%s::text[], %s::timestamptz[]) AS u(id, at) WHERE j.id = u.id "
+    f"AND j.status = {literal(RUNNING)} "
+    f"AND NOT ({job_running_sql('j.total_tasks', 'j.completed_tasks', 'j.failed_tasks')})"
+)
 
 #: A stored aggregate's first event, from the event store (``StoreReader.first_event``).
 FirstEvent = Callable[[UUID], EventMessage | None]
@@ -243,7 +276,7 @@ class PostgresReadModel:
             cur.executemany(
                 self.q(
                     "INSERT INTO {schema}.jobs (id, status, total_tasks, jar_path, main_class, "
-                    "created_at) VALUES (%s, 'RUNNING', %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+                    "created_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
                 ),
                 c.jobs,
             )
@@ -251,26 +284,12 @@ class PostgresReadModel:
             # partitions: its blocks' completions and failures may be applied before
             # the job itself, when their counts found no row. Count what its tasks
             # already show (before this batch's changes, which are added below).
-            cur.execute(
-                self.q(
-                    "UPDATE {schema}.jobs j SET completed_tasks = t.done, failed_tasks = t.failed, "
-                    "status = CASE WHEN t.done + t.failed < j.total_tasks THEN 'RUNNING' "
-                    "WHEN t.failed = 0 THEN 'DONE' ELSE 'FAILED' END, "
-                    "finished_at = CASE WHEN t.done + t.failed < j.total_tasks THEN NULL "
-                    "ELSE t.at END FROM (SELECT job_id, "
-                    "count(*) FILTER (WHERE status = 'DONE') AS done, "
-                    "count(*) FILTER (WHERE status = 'FAILED') AS failed, "
-                    "max(finished_at) FILTER (WHERE status IN ('DONE', 'FAILED')) AS at "
-                    "FROM {schema}.tasks WHERE job_id = ANY(%s) GROUP BY job_id) t "
-                    "WHERE j.id = t.job_id"
-                ),
-                ([row[0] for row in c.jobs],),
-            )
+            cur.execute(self.q(_JOBS_FROM_TASKS), ([row[0] for row in c.jobs],))
         for rows in c.task_inserts:
             cur.execute(
                 self.q(
                     "INSERT INTO {schema}.tasks (id, job_id, idx, status, algorithm, iterations, "
-                    "agents, dimension) SELECT t.id, t.job, t.idx, 'NEW', t.alg, t.it, t.ag, t.dim "
+                    f"agents, dimension) SELECT t.id, t.job, t.idx, {literal(NEW)}, t.alg, t.it, t.ag, t.dim "
                     "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::bigint[], "
                     "%s::bigint[], %s::bigint[]) AS t(id, job, idx, alg, it, ag, dim) "
                     "ON CONFLICT DO NOTHING"
@@ -281,7 +300,7 @@ class PostgresReadModel:
             cur.executemany(
                 self.q(
                     "INSERT INTO {schema}.spots (id, ip_address, status, registered_at, "
-                    "last_heartbeat) VALUES (%s, %s, 'UP', %s, %s) ON CONFLICT DO NOTHING"
+                    f"last_heartbeat) VALUES (%s, %s, {literal(UP)}, %s, %s) ON CONFLICT DO NOTHING"
                 ),
                 c.spots_new,
             )
@@ -297,15 +316,7 @@ class PostgresReadModel:
                 ),
                 (jobs, [c.job_counts[j][0] for j in jobs], [c.job_counts[j][1] for j in jobs]),
             )
-            cur.execute(
-                self.q(
-                    "UPDATE {schema}.jobs j SET finished_at = u.at, status = CASE WHEN "
-                    "failed_tasks = 0 THEN 'DONE' ELSE 'FAILED' END FROM unnest(%s::text[], "
-                    "%s::timestamptz[]) AS u(id, at) WHERE j.id = u.id "
-                    "AND completed_tasks + failed_tasks = total_tasks AND status = 'RUNNING'"
-                ),
-                (jobs, [c.job_counts[j][2] for j in jobs]),
-            )
+            cur.execute(self.q(_JOBS_FINISHED), (jobs, [c.job_counts[j][2] for j in jobs]))
 
     def _update(
         self, cur: psycopg.Cursor[Any], table: str, rows: dict[str, dict[str, Any]]
@@ -397,10 +408,12 @@ class _Changes:
 
     def _on_Job_Created(self, m: EventMessage) -> None:
         sweep = Sweep.from_json(m.data["sweep"])
+        total = m.data["total_tasks"]
         self.jobs.append(
             (
                 "job-" + m.aggregate_id.hex,
-                m.data["total_tasks"],
+                job_status(total, 0, 0),
+                total,
                 sweep.jar_path,
                 sweep.main_class,
                 m.timestamp,
@@ -430,7 +443,7 @@ class _Changes:
         n = len(d["indexes"])
         self._set_tasks(
             self._task_ids(d),
-            status=["RUNNING"] * n,
+            status=[RUNNING] * n,
             assigned_to=d["holders"],
             fence_token=d["fences"],
             attempts=d["attempts"],
@@ -443,7 +456,7 @@ class _Changes:
         n = len(d["indexes"])
         self._set_tasks(
             self._task_ids(d),
-            status=["DONE"] * n,
+            status=[DONE] * n,
             assigned_to=[None] * n,
             finished_at=[d["at"]] * n,
             runtime_ms=d["runtime_ms"],
@@ -454,15 +467,15 @@ class _Changes:
         self._count(d["job_id"], n, 0, d["at"])
 
     def _finish(self, d: dict[str, Any], errors: list[str]) -> None:
-        statuses = ["NEW" if r else "FAILED" for r in d["retried"]]
+        statuses = [NEW if r else FAILED for r in d["retried"]]
         self._set_tasks(
             self._task_ids(d),
             status=statuses,
             assigned_to=[None] * len(statuses),
             error=errors,
-            finished_at=[d["at"] if s == "FAILED" else None for s in statuses],
+            finished_at=[d["at"] if s == FAILED else None for s in statuses],
         )
-        self._count(d["job_id"], 0, statuses.count("FAILED"), d["at"])
+        self._count(d["job_id"], 0, statuses.count(FAILED), d["at"])
 
     def _on_TaskBlock_Failed(self, m: EventMessage) -> None:
         self._finish(m.data, m.data["errors"])
@@ -485,7 +498,7 @@ class _Changes:
         )
 
     def _on_Spot_MarkedDown(self, m: EventMessage) -> None:
-        self.spots.setdefault(spot_id(m.aggregate_id), {})["status"] = "DOWN"
+        self.spots.setdefault(spot_id(m.aggregate_id), {})["status"] = DOWN
 
     def _on_Spot_CameUp(self, m: EventMessage) -> None:
-        self.spots.setdefault(spot_id(m.aggregate_id), {})["status"] = "UP"
+        self.spots.setdefault(spot_id(m.aggregate_id), {})["status"] = UP

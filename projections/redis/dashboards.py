@@ -18,6 +18,8 @@ from typing import Any
 import redis
 
 from domain.ids import spot_id
+from domain.spots import DOWN, UP
+from projections.status import DONE, FAILED, NEW, RUNNING
 from schemas.codec import EventMessage
 
 log = logging.getLogger(__name__)
@@ -77,25 +79,25 @@ def ops_for(keys: RedisKeys, m: EventMessage) -> list[Op]:
         return [
             ("HSET", job, "total", d["total_tasks"]),
             ("HSET", job, "created_at", m.timestamp.isoformat()),
-            ("HINCRBY", job, "done", 0),
+            ("HINCRBY", job, job_field(DONE), 0),
         ]
     if m.type.startswith("TaskBlock."):
         job = keys.job(d["job_id"])
         if m.type == "TaskBlock.Created":
-            return _moves(c, job, {"NEW": d["count"]})
+            return _moves(c, job, {NEW: d["count"]})
         n = len(d["indexes"])
         if m.type == "TaskBlock.Claimed":
-            return _moves(c, job, {"NEW": -n, "RUNNING": n})
+            return _moves(c, job, {NEW: -n, RUNNING: n})
         if m.type == "TaskBlock.Completed":
-            return _moves(c, job, {"RUNNING": -n, "DONE": n})
+            return _moves(c, job, {RUNNING: -n, DONE: n})
         retried = sum(1 for r in d["retried"] if r)
-        return _moves(c, job, {"RUNNING": -n, "NEW": retried, "FAILED": n - retried})
+        return _moves(c, job, {RUNNING: -n, NEW: retried, FAILED: n - retried})
     spot = keys.spot(spot_id(m.aggregate_id))
     if m.type == "Spot.Registered":
         at = m.data["at"]
         return [
             ("HSET", spot, "ipAddress", d["ip_address"]),
-            ("HSET", spot, "status", "UP"),
+            ("HSET", spot, "status", UP),
             ("HSET", spot, "lastHeartbeat", at.isoformat()),
             ("ZADD", keys.spots, spot_id(m.aggregate_id), at.timestamp()),
             ("HINCRBY", c, "spots_up", 1),
@@ -109,10 +111,15 @@ def ops_for(keys: RedisKeys, m: EventMessage) -> list[Op]:
             ("HSET", spot, "lastHeartbeat", d["at"].isoformat()),
         ]
     if m.type == "Spot.MarkedDown":
-        return [("HSET", spot, "status", "DOWN"), ("HINCRBY", c, "spots_up", -1)]
+        return [("HSET", spot, "status", DOWN), ("HINCRBY", c, "spots_up", -1)]
     if m.type == "Spot.CameUp":
-        return [("HSET", spot, "status", "UP"), ("HINCRBY", c, "spots_up", 1)]
+        return [("HSET", spot, "status", UP), ("HINCRBY", c, "spots_up", 1)]
     return []
+
+
+def job_field(state: str) -> str:
+    """The field of a job's hash that counts its tasks in ``state`` (``done``...)."""
+    return state.lower()
 
 
 def _moves(counts: str, job: str, moves: dict[str, int]) -> list[Op]:
@@ -120,7 +127,7 @@ def _moves(counts: str, job: str, moves: dict[str, int]) -> list[Op]:
     for state, n in moves.items():
         if n:
             ops.append(("HINCRBY", counts, state, n))
-            ops.append(("HINCRBY", job, state.lower(), n))
+            ops.append(("HINCRBY", job, job_field(state), n))
     return ops
 
 
