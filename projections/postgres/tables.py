@@ -18,7 +18,7 @@ from eventsourcing.persistence import InterfaceError as StoreInterfaceError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import sql
 
-from domain.ids import spot_id, task_id
+from domain.ids import job_id, parse_job_id, spot_id, task_id
 from domain.spots import DOWN, UP
 from domain.sweeps import Sweep
 from projections.status import (
@@ -390,7 +390,7 @@ class _Changes:
             handler(m)
 
     def _task_ids(self, d: dict[str, Any]) -> list[str]:
-        job = UUID(hex=d["job_id"].removeprefix("job-"))
+        job = parse_job_id(d["job_id"])
         return [task_id(job, i) for i in d["indexes"]]
 
     def _set_tasks(self, ids: list[str], **columns: list[Any]) -> None:
@@ -411,7 +411,7 @@ class _Changes:
         total = m.data["total_tasks"]
         self.jobs.append(
             (
-                "job-" + m.aggregate_id.hex,
+                job_id(m.aggregate_id),
                 job_status(total, 0, 0),
                 total,
                 sweep.jar_path,
@@ -422,7 +422,7 @@ class _Changes:
 
     def _on_TaskBlock_Created(self, m: EventMessage) -> None:
         d = m.data
-        job = UUID(hex=d["job_id"].removeprefix("job-"))
+        job = parse_job_id(d["job_id"])
         sweep = self.sweep_of(job)
         indexes = range(d["first"], d["first"] + d["count"])
         params = [sweep.params(i) for i in indexes]

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from domain.ids import spot_id
+from domain.ids import job_id, spot_id
 from domain.spots import DOWN, UP
 from projections.status import DONE, FAILED, NEW, RUNNING
 from schemas.codec import EventMessage
@@ -75,7 +75,7 @@ def ops_for(keys: RedisKeys, m: EventMessage) -> list[Op]:
     d = m.data
     c = keys.counts
     if m.type == "Job.Created":
-        job = keys.job("job-" + m.aggregate_id.hex)
+        job = keys.job(job_id(m.aggregate_id))
         return [
             ("HSET", job, "total", d["total_tasks"]),
             ("HSET", job, "created_at", m.timestamp.isoformat()),
