@@ -32,6 +32,7 @@ from projections.status import (
     literal,
 )
 from schemas.codec import EventMessage
+from streaming.locks import READ_SCHEMA_LOCK
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS {schema};
@@ -196,7 +197,7 @@ class PostgresReadModel:
 
     def create(self) -> None:
         with self.conn.transaction():
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x7AD9002,))
+            self.conn.execute(*READ_SCHEMA_LOCK.xact_lock())
             self.conn.execute(self.q(DDL))
 
     def reset(self) -> None:
