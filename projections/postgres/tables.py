@@ -103,8 +103,6 @@ END
 $$;
 """
 
-TABLES = ("jobs", "tasks", "spots", "applied", "checkpoint")
-
 #: A job's counts and status from what its tasks show (see ``_write``).
 _JOBS_FROM_TASKS = (
     "UPDATE {schema}.jobs j SET completed_tasks = t.done, failed_tasks = t.failed, "

@@ -37,8 +37,6 @@ while i <= #ARGV do
     redis.call('HSET', ARGV[i+1], ARGV[i+2], ARGV[i+3])
   elseif op == 'HINCRBY' then
     redis.call('HINCRBY', ARGV[i+1], ARGV[i+2], ARGV[i+3])
-  elseif op == 'ZADD' then
-    redis.call('ZADD', ARGV[i+1], ARGV[i+3], ARGV[i+2])
   end
   i = i + 4
 end
@@ -58,7 +56,6 @@ class RedisKeys:
         self.applied = f"{prefix}:applied"
         self.meta = f"{prefix}:meta"
         self.counts = f"{prefix}:counts"
-        self.spots = f"{prefix}:spots"
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -99,7 +96,6 @@ def ops_for(keys: RedisKeys, m: EventMessage) -> list[Op]:
             ("HSET", spot, "ipAddress", d["ip_address"]),
             ("HSET", spot, "status", UP),
             ("HSET", spot, "lastHeartbeat", at.isoformat()),
-            ("ZADD", keys.spots, spot_id(m.aggregate_id), at.timestamp()),
             ("HINCRBY", c, "spots_up", 1),
         ]
     if m.type == "Spot.HeartbeatRecorded":
@@ -232,15 +228,12 @@ class RedisReadModel:
         return [m for m, r in zip(messages, results, strict=True) if r == -1]
 
     def dump(self) -> dict[str, Any]:
-        """Every dashboard key and its value, for comparing with a rebuild."""
+        """Every dashboard (a hash) and its fields, for comparing with a rebuild."""
         out: dict[str, Any] = {}
         for key in self.client.scan_iter(match=f"{self.keys.prefix}:*", count=1000):
             short = key[len(self.keys.prefix) :]
             if short == ":meta" or short.startswith(":metrics:"):
                 continue
-            kind = self.client.type(key)
-            if kind == "hash":
+            if self.client.type(key) == "hash":
                 out[short] = self.client.hgetall(key)
-            elif kind == "zset":
-                out[short] = self.client.zrange(key, 0, -1)
         return out

@@ -388,6 +388,8 @@ def test_read_models_fed_through_kafka_equal_a_rebuild_from_the_store(env: Env) 
     assert len(postgres_rows["jobs"]) == 4 and len(postgres_rows["spots"]) == 10
     assert {row[1] for row in postgres_rows["jobs"]} == {"DONE", "RUNNING"}
     assert any(":job:" in key for key in redis_keys) and ":counts" in redis_keys
+    others = [k for k in redis_keys if not k.startswith((":job:", ":spot:", ":counts", ":applied"))]
+    assert not others, f"Redis keys no dashboard reads: {others}"
     assert env.dumps() == expected  # and it stays so
 
 
