@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +19,7 @@ import redis
 
 from domain.ids import job_id, spot_id
 from domain.spots import DOWN, UP
+from projections.dispatch import Unhandled
 from projections.status import DONE, FAILED, NEW, RUNNING
 from schemas.codec import EventMessage
 
@@ -67,50 +68,89 @@ class RedisKeys:
 Op = tuple[str, str, str, str | int | float]
 
 
-def ops_for(keys: RedisKeys, m: EventMessage) -> list[Op]:
-    """The changes one event makes to the dashboards."""
-    d = m.data
-    c = keys.counts
-    if m.type == "Job.Created":
-        job = keys.job(job_id(m.aggregate_id))
-        return [
-            ("HSET", job, "total", d["total_tasks"]),
-            ("HSET", job, "created_at", m.timestamp.isoformat()),
-            ("HINCRBY", job, job_field(DONE), 0),
-        ]
-    if m.type.startswith("TaskBlock."):
-        job = keys.job(d["job_id"])
-        if m.type == "TaskBlock.Created":
-            return _moves(c, job, {NEW: d["count"]})
-        n = len(d["indexes"])
-        if m.type == "TaskBlock.Claimed":
-            return _moves(c, job, {NEW: -n, RUNNING: n})
-        if m.type == "TaskBlock.Completed":
-            return _moves(c, job, {RUNNING: -n, DONE: n})
-        retried = sum(1 for r in d["retried"] if r)
-        return _moves(c, job, {RUNNING: -n, NEW: retried, FAILED: n - retried})
+Handler = Callable[[RedisKeys, EventMessage], list[Op]]
+
+
+def _job_created(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    job = keys.job(job_id(m.aggregate_id))
+    return [
+        ("HSET", job, "total", m.data["total_tasks"]),
+        ("HSET", job, "created_at", m.timestamp.isoformat()),
+        ("HINCRBY", job, job_field(DONE), 0),
+    ]
+
+
+def _block_created(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    return _moves(keys, m, {NEW: m.data["count"]})
+
+
+def _claimed(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    n = len(m.data["indexes"])
+    return _moves(keys, m, {NEW: -n, RUNNING: n})
+
+
+def _completed(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    n = len(m.data["indexes"])
+    return _moves(keys, m, {RUNNING: -n, DONE: n})
+
+
+def _failed_or_reaped(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    """A failed or reaped task is NEW again if it was retried, else FAILED."""
+    n = len(m.data["indexes"])
+    retried = sum(1 for r in m.data["retried"] if r)
+    return _moves(keys, m, {RUNNING: -n, NEW: retried, FAILED: n - retried})
+
+
+def _registered(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    spot, d = keys.spot(spot_id(m.aggregate_id)), m.data
+    return [
+        ("HSET", spot, "ipAddress", d["ip_address"]),
+        ("HSET", spot, "status", UP),
+        ("HSET", spot, "lastHeartbeat", d["at"].isoformat()),
+        ("HINCRBY", keys.counts, "spots_up", 1),
+    ]
+
+
+def _heartbeat(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    spot, d = keys.spot(spot_id(m.aggregate_id)), m.data
+    return [
+        ("HSET", spot, "ipAddress", d["ip_address"]),
+        ("HSET", spot, "cpuLoad", d["cpu_load"]),
+        ("HSET", spot, "runningTasks", d["running_tasks"]),
+        ("HSET", spot, "totalCores", d["total_cores"]),
+        ("HSET", spot, "lastHeartbeat", d["at"].isoformat()),
+    ]
+
+
+def _marked_down(keys: RedisKeys, m: EventMessage) -> list[Op]:
     spot = keys.spot(spot_id(m.aggregate_id))
-    if m.type == "Spot.Registered":
-        at = m.data["at"]
-        return [
-            ("HSET", spot, "ipAddress", d["ip_address"]),
-            ("HSET", spot, "status", UP),
-            ("HSET", spot, "lastHeartbeat", at.isoformat()),
-            ("HINCRBY", c, "spots_up", 1),
-        ]
-    if m.type == "Spot.HeartbeatRecorded":
-        return [
-            ("HSET", spot, "ipAddress", d["ip_address"]),
-            ("HSET", spot, "cpuLoad", d["cpu_load"]),
-            ("HSET", spot, "runningTasks", d["running_tasks"]),
-            ("HSET", spot, "totalCores", d["total_cores"]),
-            ("HSET", spot, "lastHeartbeat", d["at"].isoformat()),
-        ]
-    if m.type == "Spot.MarkedDown":
-        return [("HSET", spot, "status", DOWN), ("HINCRBY", c, "spots_up", -1)]
-    if m.type == "Spot.CameUp":
-        return [("HSET", spot, "status", UP), ("HINCRBY", c, "spots_up", 1)]
-    return []
+    return [("HSET", spot, "status", DOWN), ("HINCRBY", keys.counts, "spots_up", -1)]
+
+
+def _came_up(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    spot = keys.spot(spot_id(m.aggregate_id))
+    return [("HSET", spot, "status", UP), ("HINCRBY", keys.counts, "spots_up", 1)]
+
+
+#: What each event type does to the dashboards.
+HANDLERS: dict[str, Handler] = {
+    "Job.Created": _job_created,
+    "TaskBlock.Created": _block_created,
+    "TaskBlock.Claimed": _claimed,
+    "TaskBlock.Completed": _completed,
+    "TaskBlock.Failed": _failed_or_reaped,
+    "TaskBlock.Reaped": _failed_or_reaped,
+    "Spot.Registered": _registered,
+    "Spot.HeartbeatRecorded": _heartbeat,
+    "Spot.MarkedDown": _marked_down,
+    "Spot.CameUp": _came_up,
+}
+
+
+def ops_for(keys: RedisKeys, m: EventMessage) -> list[Op] | None:
+    """The changes one event makes to the dashboards; None for a type with no handler."""
+    handler = HANDLERS.get(m.type)
+    return None if handler is None else handler(keys, m)
 
 
 def job_field(state: str) -> str:
@@ -118,11 +158,13 @@ def job_field(state: str) -> str:
     return state.lower()
 
 
-def _moves(counts: str, job: str, moves: dict[str, int]) -> list[Op]:
+def _moves(keys: RedisKeys, m: EventMessage, moves: dict[str, int]) -> list[Op]:
+    """Tasks of the block ``m`` moved between states, in the counts and in their job."""
+    job = keys.job(m.data["job_id"])
     ops: list[Op] = []
     for state, n in moves.items():
         if n:
-            ops.append(("HINCRBY", counts, state, n))
+            ops.append(("HINCRBY", keys.counts, state, n))
             ops.append(("HINCRBY", job, job_field(state), n))
     return ops
 
@@ -174,6 +216,9 @@ class RedisReadModel:
     """Applies events to the Redis dashboards under ``prefix``."""
 
     name = "redis"
+    #: The event types it shows, and those it leaves out on purpose (none).
+    HANDLED: frozenset[str] = frozenset(HANDLERS)
+    NOT_SHOWN: frozenset[str] = frozenset()
     #: Unreachable, loading, read-only (a replica) or out of memory: not the event's fault.
     transient: tuple[type[BaseException], ...] = (
         redis.ConnectionError,
@@ -186,6 +231,7 @@ class RedisReadModel:
         self.keys = RedisKeys(prefix)
         self.client: redis.Redis = redis.Redis.from_url(url, protocol=2, decode_responses=True)
         self._apply = self.client.register_script(APPLY)
+        self._unhandled = Unhandled(self.name, self.NOT_SHOWN)
 
     def close(self) -> None:
         self.client.close()
@@ -220,8 +266,12 @@ class RedisReadModel:
     def apply(self, messages: Sequence[EventMessage]) -> list[EventMessage]:
         pipe = self.client.pipeline(transaction=False)
         for m in messages:
+            # An event with no handler changes nothing, but its version is applied.
+            ops = ops_for(self.keys, m)
+            if ops is None:
+                self._unhandled.note(m.type)
             args: list[Any] = [str(m.aggregate_id), m.version]
-            for op in ops_for(self.keys, m):
+            for op in ops or ():
                 args.extend(op)
             self._apply(keys=[self.keys.applied], args=args, client=pipe)
         results = pipe.execute()
