@@ -19,7 +19,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from projections.redis.dashboards import REBUILDING, RedisKeys
+from domain.spots import UP
+from projections.redis.dashboards import REBUILDING, RedisKeys, job_field
+from projections.status import DONE, FAILED, job_status, literal
 
 #: Seconds a query waits for a read-model connection before it gives up (503).
 UNAVAILABLE_AFTER = 2.0
@@ -91,12 +93,11 @@ class RedisViews:
         if "total" not in data:
             return None
         total = int(data["total"])
-        done = int(data.get("done", 0))
-        failed = int(data.get("failed", 0))
-        status = "RUNNING" if done + failed < total else "DONE" if failed == 0 else "FAILED"
+        done = int(data.get(job_field(DONE), 0))
+        failed = int(data.get(job_field(FAILED), 0))
         return {
             "id": job_id,
-            "status": status,
+            "status": job_status(total, done, failed),
             "totalTasks": total,
             "completedTasks": done,
             "failedTasks": failed,
@@ -185,7 +186,8 @@ class PostgresViews:
             cur = await conn.execute(
                 self._q(
                     "SELECT status, count(*) AS n FROM {schema}.tasks GROUP BY status "
-                    "UNION ALL SELECT 'spots_up', count(*) FROM {schema}.spots WHERE status = 'UP'"
+                    "UNION ALL SELECT 'spots_up', count(*) FROM {schema}.spots "
+                    f"WHERE status = {literal(UP)}"
                 )
             )
             return {row["status"]: int(row["n"]) for row in await cur.fetchall()}
@@ -196,7 +198,8 @@ class PostgresViews:
             cur = await conn.execute(
                 self._q(
                     "SELECT id, algorithm, iterations, fopt, runtime_ms, finished_at "
-                    "FROM {schema}.tasks WHERE job_id = %s AND status = 'DONE' ORDER BY idx"
+                    "FROM {schema}.tasks WHERE job_id = %s "
+                    f"AND status = {literal(DONE)} ORDER BY idx"
                 ),
                 (job_id,),
             )

@@ -13,6 +13,7 @@ from domain.jobs import ReapTasks
 from domain.spots import ReapSpots
 from service.settings import Settings
 from service.writer import GroupCommitWriter
+from streaming.locks import reapers_lock
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,11 @@ class Reapers:
     async def _leader(self) -> bool:
         if self.conn is None or self.conn.closed:
             self.conn = await psycopg.AsyncConnection.connect(
-                self.settings.database_url, autocommit=True
+                self.settings.database_url, autocommit=True, connect_timeout=5
             )
         # One lock per deployment (its store schema): deployments sharing a database
         # each get their own active reapers.
-        cur = await self.conn.execute(
-            "SELECT pg_try_advisory_lock(hashtext(%s))",
-            (f"tadpole-reapers:{self.settings.store_schema}",),
-        )
+        cur = await self.conn.execute(*reapers_lock(self.settings.store_schema).try_lock())
         row = await cur.fetchone()
         return bool(row and row[0])
 

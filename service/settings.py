@@ -1,187 +1,207 @@
 """Settings, read once from the environment into a frozen object.
 
 This is the only module that reads ``os.environ``; everything else is handed a
-:class:`Settings`.
+:class:`Settings`. Each setting is declared once, as a field of :class:`Settings`
+that names the environment variables it is read from, their defaults and meaning,
+and how the text is parsed; :data:`ENVIRONMENT`, :meth:`Settings.environ` and
+:func:`load_settings` are derived from those fields.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any
 
-#: Every environment variable Tadpole reads, with its default and meaning.
-#: The README's settings table and compose.yaml's test are checked against it.
-ENVIRONMENT: dict[str, tuple[str, str]] = {
-    "DATABASE_URL": (
-        "postgresql://postgres@127.0.0.1:5432/postgres",
-        "PostgreSQL for the event store and read models",
-    ),
-    "REDIS_URL": ("redis://127.0.0.1:6379/0", "Redis for the fast read models"),
-    "KAFKA_BOOTSTRAP_SERVERS": (
-        "",
-        "Kafka brokers; unset: `tadpole up` starts the embedded broker",
-    ),
-    "TADPOLE_PORT": ("", "HTTP port (falls back to ORHESTRA_PORT, then 8080)"),
-    "ORHESTRA_PORT": ("8080", "seed 003's name for the HTTP port"),
-    "TADPOLE_HOST": ("127.0.0.1", "HTTP bind address"),
-    "TADPOLE_AGENT_KEY": (
-        "",
-        "if set, /internal/v1/* needs X-Orhestra-Key (falls back to ORHESTRA_AGENT_KEY)",
-    ),
-    "ORHESTRA_AGENT_KEY": ("", "seed 003's name for the agent key"),
-    "TADPOLE_MAX_ATTEMPTS": (
-        "",
-        "claims a task gets before it is FAILED (falls back to ORHESTRA_MAX_ATTEMPTS, then 3)",
-    ),
-    "ORHESTRA_MAX_ATTEMPTS": ("3", "seed 003's name for max attempts"),
-    "TADPOLE_SCHEMA": ("tadpole", "PostgreSQL schema for the event store"),
-    "TADPOLE_READ_SCHEMA": ("tadpole_read", "PostgreSQL schema for the read models"),
-    "TADPOLE_REDIS_PREFIX": ("tadpole", "key prefix of the Redis read models"),
-    "TADPOLE_TOPIC_PREFIX": ("tadpole", "prefix of every Kafka topic and consumer group"),
-    "TADPOLE_MAX_SWEEP_TASKS": ("100000", "largest job a sweep may create"),
-    "TADPOLE_MAX_SWEEP_BYTES": (
-        "262144",
-        "largest sweep, in bytes of canonical JSON (stored once, in Job.Created)",
-    ),
-    "TADPOLE_TASK_REAPER_INTERVAL": ("30", "seconds between TaskReaper runs"),
-    "TADPOLE_TASK_REAPER_THRESHOLD": (
-        "300",
-        "seconds a RUNNING task may go without its holder's heartbeat",
-    ),
-    "TADPOLE_SPOT_REAPER_INTERVAL": ("5", "seconds between SpotReaper runs"),
-    "TADPOLE_SPOT_TIMEOUT": ("10", "seconds without heartbeat before a spot is DOWN"),
-    "TADPOLE_HEARTBEAT_STORE_INTERVAL": (
-        "5",
-        "store an unchanged spot's heartbeat at most this often (seconds)",
-    ),
-    "TADPOLE_READ_WAIT": ("1.0", "seconds a query waits for the read model to reach the writer"),
-    "TADPOLE_DEGRADED_LAG": (
-        "10",
-        "seconds a pipeline step may be behind, with events waiting, before health is degraded",
-    ),
-    "TADPOLE_BODY_TIMEOUT": (
-        "10",
-        "seconds a client may take to send a whole request; then 408 and the connection is closed",
-    ),
-    "TADPOLE_COMMAND_TIMEOUT": (
-        "2",
-        "seconds a command may wait to be decided and stored before it is answered 503",
-    ),
-    "TADPOLE_LOG_LEVEL": ("INFO", "logging level"),
-}
+
+@dataclass(frozen=True)
+class Variable:
+    """An environment variable: its name, its default (as text) and what it sets."""
+
+    name: str
+    default: str
+    meaning: str
+
+
+Parse = Callable[[str], Any]
+
+
+def _positive(kind: type[int] | type[float]) -> Parse:
+    def parse(raw: str) -> Any:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ValueError(f"is not a {kind.__name__}") from None
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+
+    return parse
+
+
+INT, FLOAT = _positive(int), _positive(float)
+
+
+def setting(
+    name: str, default: str, meaning: str, parse: Parse = str, *, also: Variable | None = None
+) -> Any:
+    """A :class:`Settings` field read from the variable ``name``.
+
+    ``also`` is an older name for the same setting (seed 003's ``ORHESTRA_*``),
+    read when ``name`` is unset or empty; its default applies when ``name`` has none.
+    """
+    variables = (Variable(name, default, meaning), *((also,) if also else ()))
+    fallback = next((v.default for v in variables if v.default), "")
+    return field(default=parse(fallback), metadata={"variables": variables, "parse": parse})
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable about one Tadpole deployment."""
 
-    database_url: str = ENVIRONMENT["DATABASE_URL"][0]
-    redis_url: str = ENVIRONMENT["REDIS_URL"][0]
-    kafka_bootstrap_servers: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8080
-    agent_key: str = ""
-    max_attempts: int = 3
-    store_schema: str = "tadpole"
-    read_schema: str = "tadpole_read"
-    redis_prefix: str = "tadpole"
-    topic_prefix: str = "tadpole"
-    max_sweep_tasks: int = 100_000
-    max_sweep_bytes: int = 262_144
-    task_reaper_interval: float = 30.0
-    task_reaper_threshold: float = 300.0
-    spot_reaper_interval: float = 5.0
-    spot_timeout: float = 10.0
-    heartbeat_store_interval: float = 5.0
-    read_wait: float = 1.0
-    degraded_lag: float = 10.0
-    body_timeout: float = 10.0
-    command_timeout: float = 2.0
-    log_level: str = "INFO"
-    extra: Mapping[str, str] = field(default_factory=dict)
+    database_url: str = setting(
+        "DATABASE_URL",
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        "PostgreSQL for the event store and read models",
+    )
+    redis_url: str = setting(
+        "REDIS_URL", "redis://127.0.0.1:6379/0", "Redis for the fast read models"
+    )
+    kafka_bootstrap_servers: str = setting(
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "",
+        "Kafka brokers; unset: `tadpole up` starts the embedded broker",
+    )
+    port: int = setting(
+        "TADPOLE_PORT",
+        "",
+        "HTTP port (falls back to ORHESTRA_PORT, then 8080)",
+        INT,
+        also=Variable("ORHESTRA_PORT", "8080", "seed 003's name for the HTTP port"),
+    )
+    host: str = setting("TADPOLE_HOST", "127.0.0.1", "HTTP bind address")
+    agent_key: str = setting(
+        "TADPOLE_AGENT_KEY",
+        "",
+        "if set, /internal/v1/* needs X-Orhestra-Key (falls back to ORHESTRA_AGENT_KEY)",
+        also=Variable("ORHESTRA_AGENT_KEY", "", "seed 003's name for the agent key"),
+    )
+    max_attempts: int = setting(
+        "TADPOLE_MAX_ATTEMPTS",
+        "",
+        "claims a task gets before it is FAILED (falls back to ORHESTRA_MAX_ATTEMPTS, then 3)",
+        INT,
+        also=Variable("ORHESTRA_MAX_ATTEMPTS", "3", "seed 003's name for max attempts"),
+    )
+    store_schema: str = setting(
+        "TADPOLE_SCHEMA", "tadpole", "PostgreSQL schema for the event store"
+    )
+    read_schema: str = setting(
+        "TADPOLE_READ_SCHEMA", "tadpole_read", "PostgreSQL schema for the read models"
+    )
+    redis_prefix: str = setting(
+        "TADPOLE_REDIS_PREFIX", "tadpole", "key prefix of the Redis read models"
+    )
+    topic_prefix: str = setting(
+        "TADPOLE_TOPIC_PREFIX", "tadpole", "prefix of every Kafka topic and consumer group"
+    )
+    max_sweep_tasks: int = setting(
+        "TADPOLE_MAX_SWEEP_TASKS", "100000", "largest job a sweep may create", INT
+    )
+    max_sweep_bytes: int = setting(
+        "TADPOLE_MAX_SWEEP_BYTES",
+        "262144",
+        "largest sweep, in bytes of canonical JSON (stored once, in Job.Created)",
+        INT,
+    )
+    task_reaper_interval: float = setting(
+        "TADPOLE_TASK_REAPER_INTERVAL", "30", "seconds between TaskReaper runs", FLOAT
+    )
+    task_reaper_threshold: float = setting(
+        "TADPOLE_TASK_REAPER_THRESHOLD",
+        "300",
+        "seconds a RUNNING task may go without its holder's heartbeat",
+        FLOAT,
+    )
+    spot_reaper_interval: float = setting(
+        "TADPOLE_SPOT_REAPER_INTERVAL", "5", "seconds between SpotReaper runs", FLOAT
+    )
+    spot_timeout: float = setting(
+        "TADPOLE_SPOT_TIMEOUT", "10", "seconds without heartbeat before a spot is DOWN", FLOAT
+    )
+    heartbeat_store_interval: float = setting(
+        "TADPOLE_HEARTBEAT_STORE_INTERVAL",
+        "5",
+        "store an unchanged spot's heartbeat at most this often (seconds)",
+        FLOAT,
+    )
+    read_wait: float = setting(
+        "TADPOLE_READ_WAIT",
+        "1.0",
+        "seconds a query waits for the read model to reach the writer",
+        FLOAT,
+    )
+    degraded_lag: float = setting(
+        "TADPOLE_DEGRADED_LAG",
+        "10",
+        "seconds a pipeline step may be behind, with events waiting, before health is degraded",
+        FLOAT,
+    )
+    body_timeout: float = setting(
+        "TADPOLE_BODY_TIMEOUT",
+        "10",
+        "seconds a client may take to send a whole request; then 408 and the connection is closed",
+        FLOAT,
+    )
+    command_timeout: float = setting(
+        "TADPOLE_COMMAND_TIMEOUT",
+        "2",
+        "seconds a command may wait to be decided and stored before it is answered 503",
+        FLOAT,
+    )
+    log_level: str = setting("TADPOLE_LOG_LEVEL", "INFO", "logging level", str.upper)
 
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
     def environ(self) -> dict[str, str]:
         """The environment that gives a child process these same settings."""
-        return {
-            "DATABASE_URL": self.database_url,
-            "REDIS_URL": self.redis_url,
-            "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,
-            "TADPOLE_HOST": self.host,
-            "TADPOLE_PORT": str(self.port),
-            "TADPOLE_AGENT_KEY": self.agent_key,
-            "TADPOLE_MAX_ATTEMPTS": str(self.max_attempts),
-            "TADPOLE_SCHEMA": self.store_schema,
-            "TADPOLE_READ_SCHEMA": self.read_schema,
-            "TADPOLE_REDIS_PREFIX": self.redis_prefix,
-            "TADPOLE_TOPIC_PREFIX": self.topic_prefix,
-            "TADPOLE_MAX_SWEEP_TASKS": str(self.max_sweep_tasks),
-            "TADPOLE_MAX_SWEEP_BYTES": str(self.max_sweep_bytes),
-            "TADPOLE_TASK_REAPER_INTERVAL": str(self.task_reaper_interval),
-            "TADPOLE_TASK_REAPER_THRESHOLD": str(self.task_reaper_threshold),
-            "TADPOLE_SPOT_REAPER_INTERVAL": str(self.spot_reaper_interval),
-            "TADPOLE_SPOT_TIMEOUT": str(self.spot_timeout),
-            "TADPOLE_HEARTBEAT_STORE_INTERVAL": str(self.heartbeat_store_interval),
-            "TADPOLE_READ_WAIT": str(self.read_wait),
-            "TADPOLE_DEGRADED_LAG": str(self.degraded_lag),
-            "TADPOLE_BODY_TIMEOUT": str(self.body_timeout),
-            "TADPOLE_COMMAND_TIMEOUT": str(self.command_timeout),
-            "TADPOLE_LOG_LEVEL": self.log_level,
-        }
+        return {_variables(f)[0].name: str(getattr(self, f.name)) for f in fields(self)}
+
+
+def _variables(f: Field[Any]) -> tuple[Variable, ...]:
+    variables: tuple[Variable, ...] = f.metadata["variables"]
+    return variables
+
+
+#: Every environment variable Tadpole reads, with its default and meaning.
+#: The README's settings table and compose.yaml's test are checked against it.
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    v.name: (v.default, v.meaning) for f in fields(Settings) for v in _variables(f)
+}
 
 
 class SettingsError(ValueError):
     """An environment variable holds a value Tadpole cannot use."""
 
 
-def _number(env: Mapping[str, str], name: str, kind: type[int] | type[float]) -> Any:
-    raw = env.get(name) or ENVIRONMENT[name][0]
+def _read(env: Mapping[str, str], f: Field[Any]) -> Any:
+    """The value of one field: from the first of its variables that is set, else its default."""
+    variables = _variables(f)
+    chosen = next((v for v in variables if env.get(v.name)), None)
+    if chosen is None:
+        chosen = next((v for v in variables if v.default), variables[0])
+        raw = chosen.default
+    else:
+        raw = env[chosen.name]
     try:
-        value = kind(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
-    if value <= 0:
-        raise SettingsError(f"{name}={raw!r} must be greater than zero")
-    return value
+        return f.metadata["parse"](raw)
+    except ValueError as error:
+        raise SettingsError(f"{chosen.name}={raw!r} {error}") from None
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read the settings from ``env`` (default: the process environment)."""
     env = os.environ if env is None else env
-
-    def text(name: str) -> str:
-        return env.get(name) or ENVIRONMENT[name][0]
-
-    port_name = "TADPOLE_PORT" if env.get("TADPOLE_PORT") else "ORHESTRA_PORT"
-    attempts_name = (
-        "TADPOLE_MAX_ATTEMPTS" if env.get("TADPOLE_MAX_ATTEMPTS") else "ORHESTRA_MAX_ATTEMPTS"
-    )
-    return Settings(
-        database_url=text("DATABASE_URL"),
-        redis_url=text("REDIS_URL"),
-        kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS", ""),
-        host=text("TADPOLE_HOST"),
-        port=_number(env, port_name, int),
-        agent_key=env.get("TADPOLE_AGENT_KEY") or env.get("ORHESTRA_AGENT_KEY") or "",
-        max_attempts=_number(env, attempts_name, int),
-        store_schema=text("TADPOLE_SCHEMA"),
-        read_schema=text("TADPOLE_READ_SCHEMA"),
-        redis_prefix=text("TADPOLE_REDIS_PREFIX"),
-        topic_prefix=text("TADPOLE_TOPIC_PREFIX"),
-        max_sweep_tasks=_number(env, "TADPOLE_MAX_SWEEP_TASKS", int),
-        max_sweep_bytes=_number(env, "TADPOLE_MAX_SWEEP_BYTES", int),
-        task_reaper_interval=_number(env, "TADPOLE_TASK_REAPER_INTERVAL", float),
-        task_reaper_threshold=_number(env, "TADPOLE_TASK_REAPER_THRESHOLD", float),
-        spot_reaper_interval=_number(env, "TADPOLE_SPOT_REAPER_INTERVAL", float),
-        spot_timeout=_number(env, "TADPOLE_SPOT_TIMEOUT", float),
-        heartbeat_store_interval=_number(env, "TADPOLE_HEARTBEAT_STORE_INTERVAL", float),
-        read_wait=_number(env, "TADPOLE_READ_WAIT", float),
-        degraded_lag=_number(env, "TADPOLE_DEGRADED_LAG", float),
-        body_timeout=_number(env, "TADPOLE_BODY_TIMEOUT", float),
-        command_timeout=_number(env, "TADPOLE_COMMAND_TIMEOUT", float),
-        log_level=text("TADPOLE_LOG_LEVEL").upper(),
-    )
+    return Settings(**{f.name: _read(env, f) for f in fields(Settings)})

@@ -13,6 +13,7 @@ from eventstore import recorder
 from eventstore.store import TadpoleStore
 from service.settings import Settings
 from streaming.deadletters import DeadLetters
+from streaming.locks import STORE_SCHEMA_LOCK
 from streaming.progress import Progress
 
 
@@ -37,9 +38,6 @@ def store_env(settings: Settings) -> dict[str, str]:
     }
 
 
-SCHEMA_LOCK = 0x7AD9001  # advisory lock: one process at a time creates tables
-
-
 def open_store(settings: Settings) -> TadpoleStore:
     """The event store, its schema and tables created if missing.
 
@@ -47,7 +45,7 @@ def open_store(settings: Settings) -> TadpoleStore:
     objects ("tuple concurrently updated"), so creation is serialised.
     """
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+        conn.execute(*STORE_SCHEMA_LOCK.lock())
         try:
             conn.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
@@ -59,7 +57,7 @@ def open_store(settings: Settings) -> TadpoleStore:
             conn.execute(Progress(store).ddl())
             return store
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
+            conn.execute(*STORE_SCHEMA_LOCK.unlock())
 
 
 def configure_logging(settings: Settings) -> None:

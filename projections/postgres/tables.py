@@ -18,9 +18,22 @@ from eventsourcing.persistence import InterfaceError as StoreInterfaceError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import sql
 
-from domain.ids import spot_id, task_id
+from domain.ids import job_id, parse_job_id, spot_id, task_id
 from domain.jobs.sweeps import Sweep
+from domain.spots import DOWN, UP
+from projections.dispatch import Unhandled
+from projections.status import (
+    DONE,
+    FAILED,
+    NEW,
+    RUNNING,
+    job_running_sql,
+    job_status,
+    job_status_sql,
+    literal,
+)
 from schemas.codec import EventMessage
+from streaming.locks import READ_SCHEMA_LOCK
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS {schema};
@@ -91,16 +104,210 @@ END
 $$;
 """
 
-TABLES = ("jobs", "tasks", "spots", "applied", "checkpoint")
+#: A job's counts and status from what its tasks show (see ``_write``).
+_JOBS_FROM_TASKS = (
+    "UPDATE {schema}.jobs j SET completed_tasks = t.done, failed_tasks = t.failed, "
+    f"status = {job_status_sql('j.total_tasks', 't.done', 't.failed')}, "
+    f"finished_at = CASE WHEN {job_running_sql('j.total_tasks', 't.done', 't.failed')} "
+    "THEN NULL ELSE t.at END FROM (SELECT job_id, "
+    f"count(*) FILTER (WHERE status = {literal(DONE)}) AS done, "
+    f"count(*) FILTER (WHERE status = {literal(FAILED)}) AS failed, "
+    f"max(finished_at) FILTER (WHERE status IN ({literal(DONE)}, {literal(FAILED)})) AS at "
+    "FROM {schema}.tasks WHERE job_id = ANY(%s) GROUP BY job_id) t "
+    "WHERE j.id = t.job_id"
+)
+
+#: The jobs whose last task this batch finished: their status and when they finished.
+_JOBS_FINISHED = (
+    "UPDATE {schema}.jobs j SET finished_at = u.at, "
+    f"status = {job_status_sql('j.total_tasks', 'j.completed_tasks', 'j.failed_tasks')} "
+    "FROM unnest(%s::text[], %s::timestamptz[]) AS u(id, at) WHERE j.id = u.id "
+    f"AND j.status = {literal(RUNNING)} "
+    f"AND NOT ({job_running_sql('j.total_tasks', 'j.completed_tasks', 'j.failed_tasks')})"
+)
 
 #: A stored aggregate's first event, from the event store (``StoreReader.first_event``).
 FirstEvent = Callable[[UUID], EventMessage | None]
+
+
+_TYPES = {
+    "status": "text",
+    "assigned_to": "text",
+    "fence_token": "bigint",
+    "attempts": "int",
+    "started_at": "timestamptz",
+    "finished_at": "timestamptz",
+    "runtime_ms": "bigint",
+    "iter": "bigint",
+    "fopt": "float8",
+    "result_json": "text",
+    "error": "text",
+    "ip_address": "text",
+    "cpu_load": "float8",
+    "running_tasks": "bigint",
+    "total_cores": "bigint",
+    "last_heartbeat": "timestamptz",
+}
+
+
+class _Changes:
+    """What a batch of events does to the tables, merged per row in event order."""
+
+    def __init__(self, sweep_of: Callable[[UUID], Sweep]) -> None:
+        self.sweep_of = sweep_of
+        self.jobs: list[tuple[Any, ...]] = []
+        self.task_inserts: list[tuple[Any, ...]] = []
+        self.spots_new: list[tuple[Any, ...]] = []
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self.spots: dict[str, dict[str, Any]] = {}
+        #: job id → [completed delta, failed delta, time of the last change]
+        self.job_counts: dict[str, list[Any]] = {}
+
+    def add(self, m: EventMessage) -> bool:
+        """Add what ``m`` does; False (and nothing added) for a type with no handler."""
+        handler = HANDLERS.get(m.type)
+        if handler is None:
+            return False
+        handler(self, m)
+        return True
+
+    def _task_ids(self, d: dict[str, Any]) -> list[str]:
+        job = parse_job_id(d["job_id"])
+        return [task_id(job, i) for i in d["indexes"]]
+
+    def _set_tasks(self, ids: list[str], **columns: list[Any]) -> None:
+        for n, tid in enumerate(ids):
+            row = self.tasks.setdefault(tid, {})
+            for col, values in columns.items():
+                row[col] = values[n]
+
+    def _count(self, job: str, done: int, failed: int, at: datetime) -> None:
+        if done or failed:
+            entry = self.job_counts.setdefault(job, [0, 0, at])
+            entry[0] += done
+            entry[1] += failed
+            entry[2] = at
+
+    def _job_created(self, m: EventMessage) -> None:
+        sweep = Sweep.from_json(m.data["sweep"])
+        total = m.data["total_tasks"]
+        self.jobs.append(
+            (
+                job_id(m.aggregate_id),
+                job_status(total, 0, 0),
+                total,
+                sweep.jar_path,
+                sweep.main_class,
+                m.timestamp,
+            )
+        )
+
+    def _block_created(self, m: EventMessage) -> None:
+        d = m.data
+        job = parse_job_id(d["job_id"])
+        sweep = self.sweep_of(job)
+        indexes = range(d["first"], d["first"] + d["count"])
+        params = [sweep.params(i) for i in indexes]
+        self.task_inserts.append(
+            (
+                [task_id(job, i) for i in indexes],
+                [d["job_id"]] * len(indexes),
+                list(indexes),
+                [p.algorithm for p in params],
+                [p.iterations for p in params],
+                [p.agents for p in params],
+                [p.dimension for p in params],
+            )
+        )
+
+    def _claimed(self, m: EventMessage) -> None:
+        d = m.data
+        n = len(d["indexes"])
+        self._set_tasks(
+            self._task_ids(d),
+            status=[RUNNING] * n,
+            assigned_to=d["holders"],
+            fence_token=d["fences"],
+            attempts=d["attempts"],
+            started_at=[d["at"]] * n,
+            error=[None] * n,
+        )
+
+    def _completed(self, m: EventMessage) -> None:
+        d = m.data
+        n = len(d["indexes"])
+        self._set_tasks(
+            self._task_ids(d),
+            status=[DONE] * n,
+            assigned_to=[None] * n,
+            finished_at=[d["at"]] * n,
+            runtime_ms=d["runtime_ms"],
+            iter=d["iters"],
+            fopt=d["fopts"],
+            result_json=d["results"],
+        )
+        self._count(d["job_id"], n, 0, d["at"])
+
+    def _finish(self, d: dict[str, Any], errors: list[str]) -> None:
+        statuses = [NEW if r else FAILED for r in d["retried"]]
+        self._set_tasks(
+            self._task_ids(d),
+            status=statuses,
+            assigned_to=[None] * len(statuses),
+            error=errors,
+            finished_at=[d["at"] if s == FAILED else None for s in statuses],
+        )
+        self._count(d["job_id"], 0, statuses.count(FAILED), d["at"])
+
+    def _failed(self, m: EventMessage) -> None:
+        self._finish(m.data, m.data["errors"])
+
+    def _reaped(self, m: EventMessage) -> None:
+        self._finish(m.data, [m.data["reason"]] * len(m.data["indexes"]))
+
+    def _registered(self, m: EventMessage) -> None:
+        at = m.data["at"]
+        self.spots_new.append((spot_id(m.aggregate_id), m.data["ip_address"], at, at))
+
+    def _heartbeat(self, m: EventMessage) -> None:
+        d = m.data
+        self.spots.setdefault(spot_id(m.aggregate_id), {}).update(
+            ip_address=d["ip_address"],
+            cpu_load=d["cpu_load"],
+            running_tasks=d["running_tasks"],
+            total_cores=d["total_cores"],
+            last_heartbeat=d["at"],
+        )
+
+    def _marked_down(self, m: EventMessage) -> None:
+        self.spots.setdefault(spot_id(m.aggregate_id), {})["status"] = DOWN
+
+    def _came_up(self, m: EventMessage) -> None:
+        self.spots.setdefault(spot_id(m.aggregate_id), {})["status"] = UP
+
+
+#: What each event type does to the tables.
+HANDLERS: dict[str, Callable[[_Changes, EventMessage], None]] = {
+    "Job.Created": _Changes._job_created,
+    "TaskBlock.Created": _Changes._block_created,
+    "TaskBlock.Claimed": _Changes._claimed,
+    "TaskBlock.Completed": _Changes._completed,
+    "TaskBlock.Failed": _Changes._failed,
+    "TaskBlock.Reaped": _Changes._reaped,
+    "Spot.Registered": _Changes._registered,
+    "Spot.HeartbeatRecorded": _Changes._heartbeat,
+    "Spot.MarkedDown": _Changes._marked_down,
+    "Spot.CameUp": _Changes._came_up,
+}
 
 
 class PostgresReadModel:
     """Applies events to the tables in ``schema`` (sync psycopg; one projector process)."""
 
     name = "postgres"
+    #: The event types it shows, and those it leaves out on purpose (none).
+    HANDLED: frozenset[str] = frozenset(HANDLERS)
+    NOT_SHOWN: frozenset[str] = frozenset()
     #: The database, or the store it reads a job's sweep from, is away: not the event's fault.
     transient: tuple[type[BaseException], ...] = (
         psycopg.OperationalError,
@@ -126,6 +333,7 @@ class PostgresReadModel:
         self._conn: psycopg.Connection[Any] | None = None
         self._s = sql.Identifier(schema)
         self._queries: dict[str, bytes] = {}
+        self._unhandled = Unhandled(self.name, self.NOT_SHOWN)
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
@@ -163,7 +371,7 @@ class PostgresReadModel:
 
     def create(self) -> None:
         with self.conn.transaction():
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x7AD9002,))
+            self.conn.execute(*READ_SCHEMA_LOCK.xact_lock())
             self.conn.execute(self.q(DDL))
 
     def reset(self) -> None:
@@ -223,7 +431,9 @@ class PostgresReadModel:
                 if m.version > current + 1:
                     gaps.append(m)
                     continue
-                changes.add(m)
+                # An event with no handler changes nothing, but its version is applied.
+                if not changes.add(m):
+                    self._unhandled.note(m.type)
                 versions[m.aggregate_id] = touched[m.aggregate_id] = m.version
             self._write(cur, changes)
             if touched:
@@ -243,7 +453,7 @@ class PostgresReadModel:
             cur.executemany(
                 self.q(
                     "INSERT INTO {schema}.jobs (id, status, total_tasks, jar_path, main_class, "
-                    "created_at) VALUES (%s, 'RUNNING', %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+                    "created_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
                 ),
                 c.jobs,
             )
@@ -251,26 +461,12 @@ class PostgresReadModel:
             # partitions: its blocks' completions and failures may be applied before
             # the job itself, when their counts found no row. Count what its tasks
             # already show (before this batch's changes, which are added below).
-            cur.execute(
-                self.q(
-                    "UPDATE {schema}.jobs j SET completed_tasks = t.done, failed_tasks = t.failed, "
-                    "status = CASE WHEN t.done + t.failed < j.total_tasks THEN 'RUNNING' "
-                    "WHEN t.failed = 0 THEN 'DONE' ELSE 'FAILED' END, "
-                    "finished_at = CASE WHEN t.done + t.failed < j.total_tasks THEN NULL "
-                    "ELSE t.at END FROM (SELECT job_id, "
-                    "count(*) FILTER (WHERE status = 'DONE') AS done, "
-                    "count(*) FILTER (WHERE status = 'FAILED') AS failed, "
-                    "max(finished_at) FILTER (WHERE status IN ('DONE', 'FAILED')) AS at "
-                    "FROM {schema}.tasks WHERE job_id = ANY(%s) GROUP BY job_id) t "
-                    "WHERE j.id = t.job_id"
-                ),
-                ([row[0] for row in c.jobs],),
-            )
+            cur.execute(self.q(_JOBS_FROM_TASKS), ([row[0] for row in c.jobs],))
         for rows in c.task_inserts:
             cur.execute(
                 self.q(
                     "INSERT INTO {schema}.tasks (id, job_id, idx, status, algorithm, iterations, "
-                    "agents, dimension) SELECT t.id, t.job, t.idx, 'NEW', t.alg, t.it, t.ag, t.dim "
+                    f"agents, dimension) SELECT t.id, t.job, t.idx, {literal(NEW)}, t.alg, t.it, t.ag, t.dim "
                     "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::bigint[], "
                     "%s::bigint[], %s::bigint[]) AS t(id, job, idx, alg, it, ag, dim) "
                     "ON CONFLICT DO NOTHING"
@@ -281,7 +477,7 @@ class PostgresReadModel:
             cur.executemany(
                 self.q(
                     "INSERT INTO {schema}.spots (id, ip_address, status, registered_at, "
-                    "last_heartbeat) VALUES (%s, %s, 'UP', %s, %s) ON CONFLICT DO NOTHING"
+                    f"last_heartbeat) VALUES (%s, %s, {literal(UP)}, %s, %s) ON CONFLICT DO NOTHING"
                 ),
                 c.spots_new,
             )
@@ -297,15 +493,7 @@ class PostgresReadModel:
                 ),
                 (jobs, [c.job_counts[j][0] for j in jobs], [c.job_counts[j][1] for j in jobs]),
             )
-            cur.execute(
-                self.q(
-                    "UPDATE {schema}.jobs j SET finished_at = u.at, status = CASE WHEN "
-                    "failed_tasks = 0 THEN 'DONE' ELSE 'FAILED' END FROM unnest(%s::text[], "
-                    "%s::timestamptz[]) AS u(id, at) WHERE j.id = u.id "
-                    "AND completed_tasks + failed_tasks = total_tasks AND status = 'RUNNING'"
-                ),
-                (jobs, [c.job_counts[j][2] for j in jobs]),
-            )
+            cur.execute(self.q(_JOBS_FINISHED), (jobs, [c.job_counts[j][2] for j in jobs]))
 
     def _update(
         self, cur: psycopg.Cursor[Any], table: str, rows: dict[str, dict[str, Any]]
@@ -338,154 +526,3 @@ class PostgresReadModel:
                 ).fetchall()
                 out[table] = [tuple(r) for r in rows]
         return out
-
-
-_TYPES = {
-    "status": "text",
-    "assigned_to": "text",
-    "fence_token": "bigint",
-    "attempts": "int",
-    "started_at": "timestamptz",
-    "finished_at": "timestamptz",
-    "runtime_ms": "bigint",
-    "iter": "bigint",
-    "fopt": "float8",
-    "result_json": "text",
-    "error": "text",
-    "ip_address": "text",
-    "cpu_load": "float8",
-    "running_tasks": "bigint",
-    "total_cores": "bigint",
-    "last_heartbeat": "timestamptz",
-}
-
-
-class _Changes:
-    """What a batch of events does to the tables, merged per row in event order."""
-
-    def __init__(self, sweep_of: Callable[[UUID], Sweep]) -> None:
-        self.sweep_of = sweep_of
-        self.jobs: list[tuple[Any, ...]] = []
-        self.task_inserts: list[tuple[Any, ...]] = []
-        self.spots_new: list[tuple[Any, ...]] = []
-        self.tasks: dict[str, dict[str, Any]] = {}
-        self.spots: dict[str, dict[str, Any]] = {}
-        #: job id → [completed delta, failed delta, time of the last change]
-        self.job_counts: dict[str, list[Any]] = {}
-
-    def add(self, m: EventMessage) -> None:
-        handler = getattr(self, "_on_" + m.type.replace(".", "_"), None)
-        if handler is not None:
-            handler(m)
-
-    def _task_ids(self, d: dict[str, Any]) -> list[str]:
-        job = UUID(hex=d["job_id"].removeprefix("job-"))
-        return [task_id(job, i) for i in d["indexes"]]
-
-    def _set_tasks(self, ids: list[str], **columns: list[Any]) -> None:
-        for n, tid in enumerate(ids):
-            row = self.tasks.setdefault(tid, {})
-            for col, values in columns.items():
-                row[col] = values[n]
-
-    def _count(self, job: str, done: int, failed: int, at: datetime) -> None:
-        if done or failed:
-            entry = self.job_counts.setdefault(job, [0, 0, at])
-            entry[0] += done
-            entry[1] += failed
-            entry[2] = at
-
-    def _on_Job_Created(self, m: EventMessage) -> None:
-        sweep = Sweep.from_json(m.data["sweep"])
-        self.jobs.append(
-            (
-                "job-" + m.aggregate_id.hex,
-                m.data["total_tasks"],
-                sweep.jar_path,
-                sweep.main_class,
-                m.timestamp,
-            )
-        )
-
-    def _on_TaskBlock_Created(self, m: EventMessage) -> None:
-        d = m.data
-        job = UUID(hex=d["job_id"].removeprefix("job-"))
-        sweep = self.sweep_of(job)
-        indexes = range(d["first"], d["first"] + d["count"])
-        params = [sweep.params(i) for i in indexes]
-        self.task_inserts.append(
-            (
-                [task_id(job, i) for i in indexes],
-                [d["job_id"]] * len(indexes),
-                list(indexes),
-                [p.algorithm for p in params],
-                [p.iterations for p in params],
-                [p.agents for p in params],
-                [p.dimension for p in params],
-            )
-        )
-
-    def _on_TaskBlock_Claimed(self, m: EventMessage) -> None:
-        d = m.data
-        n = len(d["indexes"])
-        self._set_tasks(
-            self._task_ids(d),
-            status=["RUNNING"] * n,
-            assigned_to=d["holders"],
-            fence_token=d["fences"],
-            attempts=d["attempts"],
-            started_at=[d["at"]] * n,
-            error=[None] * n,
-        )
-
-    def _on_TaskBlock_Completed(self, m: EventMessage) -> None:
-        d = m.data
-        n = len(d["indexes"])
-        self._set_tasks(
-            self._task_ids(d),
-            status=["DONE"] * n,
-            assigned_to=[None] * n,
-            finished_at=[d["at"]] * n,
-            runtime_ms=d["runtime_ms"],
-            iter=d["iters"],
-            fopt=d["fopts"],
-            result_json=d["results"],
-        )
-        self._count(d["job_id"], n, 0, d["at"])
-
-    def _finish(self, d: dict[str, Any], errors: list[str]) -> None:
-        statuses = ["NEW" if r else "FAILED" for r in d["retried"]]
-        self._set_tasks(
-            self._task_ids(d),
-            status=statuses,
-            assigned_to=[None] * len(statuses),
-            error=errors,
-            finished_at=[d["at"] if s == "FAILED" else None for s in statuses],
-        )
-        self._count(d["job_id"], 0, statuses.count("FAILED"), d["at"])
-
-    def _on_TaskBlock_Failed(self, m: EventMessage) -> None:
-        self._finish(m.data, m.data["errors"])
-
-    def _on_TaskBlock_Reaped(self, m: EventMessage) -> None:
-        self._finish(m.data, [m.data["reason"]] * len(m.data["indexes"]))
-
-    def _on_Spot_Registered(self, m: EventMessage) -> None:
-        at = m.data["at"]
-        self.spots_new.append((spot_id(m.aggregate_id), m.data["ip_address"], at, at))
-
-    def _on_Spot_HeartbeatRecorded(self, m: EventMessage) -> None:
-        d = m.data
-        self.spots.setdefault(spot_id(m.aggregate_id), {}).update(
-            ip_address=d["ip_address"],
-            cpu_load=d["cpu_load"],
-            running_tasks=d["running_tasks"],
-            total_cores=d["total_cores"],
-            last_heartbeat=d["at"],
-        )
-
-    def _on_Spot_MarkedDown(self, m: EventMessage) -> None:
-        self.spots.setdefault(spot_id(m.aggregate_id), {})["status"] = "DOWN"
-
-    def _on_Spot_CameUp(self, m: EventMessage) -> None:
-        self.spots.setdefault(spot_id(m.aggregate_id), {})["status"] = "UP"

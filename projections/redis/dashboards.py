@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
-from domain.ids import spot_id
+from domain.ids import job_id, spot_id
+from domain.spots import DOWN, UP
+from projections.dispatch import Unhandled
+from projections.status import DONE, FAILED, NEW, RUNNING
 from schemas.codec import EventMessage
 
 log = logging.getLogger(__name__)
@@ -35,8 +38,6 @@ while i <= #ARGV do
     redis.call('HSET', ARGV[i+1], ARGV[i+2], ARGV[i+3])
   elseif op == 'HINCRBY' then
     redis.call('HINCRBY', ARGV[i+1], ARGV[i+2], ARGV[i+3])
-  elseif op == 'ZADD' then
-    redis.call('ZADD', ARGV[i+1], ARGV[i+3], ARGV[i+2])
   end
   i = i + 4
 end
@@ -56,7 +57,6 @@ class RedisKeys:
         self.applied = f"{prefix}:applied"
         self.meta = f"{prefix}:meta"
         self.counts = f"{prefix}:counts"
-        self.spots = f"{prefix}:spots"
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -68,59 +68,104 @@ class RedisKeys:
 Op = tuple[str, str, str, str | int | float]
 
 
-def ops_for(keys: RedisKeys, m: EventMessage) -> list[Op]:
-    """The changes one event makes to the dashboards."""
-    d = m.data
-    c = keys.counts
-    if m.type == "Job.Created":
-        job = keys.job("job-" + m.aggregate_id.hex)
-        return [
-            ("HSET", job, "total", d["total_tasks"]),
-            ("HSET", job, "created_at", m.timestamp.isoformat()),
-            ("HINCRBY", job, "done", 0),
-        ]
-    if m.type.startswith("TaskBlock."):
-        job = keys.job(d["job_id"])
-        if m.type == "TaskBlock.Created":
-            return _moves(c, job, {"NEW": d["count"]})
-        n = len(d["indexes"])
-        if m.type == "TaskBlock.Claimed":
-            return _moves(c, job, {"NEW": -n, "RUNNING": n})
-        if m.type == "TaskBlock.Completed":
-            return _moves(c, job, {"RUNNING": -n, "DONE": n})
-        retried = sum(1 for r in d["retried"] if r)
-        return _moves(c, job, {"RUNNING": -n, "NEW": retried, "FAILED": n - retried})
+Handler = Callable[[RedisKeys, EventMessage], list[Op]]
+
+
+def _job_created(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    job = keys.job(job_id(m.aggregate_id))
+    return [
+        ("HSET", job, "total", m.data["total_tasks"]),
+        ("HSET", job, "created_at", m.timestamp.isoformat()),
+        ("HINCRBY", job, job_field(DONE), 0),
+    ]
+
+
+def _block_created(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    return _moves(keys, m, {NEW: m.data["count"]})
+
+
+def _claimed(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    n = len(m.data["indexes"])
+    return _moves(keys, m, {NEW: -n, RUNNING: n})
+
+
+def _completed(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    n = len(m.data["indexes"])
+    return _moves(keys, m, {RUNNING: -n, DONE: n})
+
+
+def _failed_or_reaped(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    """A failed or reaped task is NEW again if it was retried, else FAILED."""
+    n = len(m.data["indexes"])
+    retried = sum(1 for r in m.data["retried"] if r)
+    return _moves(keys, m, {RUNNING: -n, NEW: retried, FAILED: n - retried})
+
+
+def _registered(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    spot, d = keys.spot(spot_id(m.aggregate_id)), m.data
+    return [
+        ("HSET", spot, "ipAddress", d["ip_address"]),
+        ("HSET", spot, "status", UP),
+        ("HSET", spot, "lastHeartbeat", d["at"].isoformat()),
+        ("HINCRBY", keys.counts, "spots_up", 1),
+    ]
+
+
+def _heartbeat(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    spot, d = keys.spot(spot_id(m.aggregate_id)), m.data
+    return [
+        ("HSET", spot, "ipAddress", d["ip_address"]),
+        ("HSET", spot, "cpuLoad", d["cpu_load"]),
+        ("HSET", spot, "runningTasks", d["running_tasks"]),
+        ("HSET", spot, "totalCores", d["total_cores"]),
+        ("HSET", spot, "lastHeartbeat", d["at"].isoformat()),
+    ]
+
+
+def _marked_down(keys: RedisKeys, m: EventMessage) -> list[Op]:
     spot = keys.spot(spot_id(m.aggregate_id))
-    if m.type == "Spot.Registered":
-        at = m.data["at"]
-        return [
-            ("HSET", spot, "ipAddress", d["ip_address"]),
-            ("HSET", spot, "status", "UP"),
-            ("HSET", spot, "lastHeartbeat", at.isoformat()),
-            ("ZADD", keys.spots, spot_id(m.aggregate_id), at.timestamp()),
-            ("HINCRBY", c, "spots_up", 1),
-        ]
-    if m.type == "Spot.HeartbeatRecorded":
-        return [
-            ("HSET", spot, "ipAddress", d["ip_address"]),
-            ("HSET", spot, "cpuLoad", d["cpu_load"]),
-            ("HSET", spot, "runningTasks", d["running_tasks"]),
-            ("HSET", spot, "totalCores", d["total_cores"]),
-            ("HSET", spot, "lastHeartbeat", d["at"].isoformat()),
-        ]
-    if m.type == "Spot.MarkedDown":
-        return [("HSET", spot, "status", "DOWN"), ("HINCRBY", c, "spots_up", -1)]
-    if m.type == "Spot.CameUp":
-        return [("HSET", spot, "status", "UP"), ("HINCRBY", c, "spots_up", 1)]
-    return []
+    return [("HSET", spot, "status", DOWN), ("HINCRBY", keys.counts, "spots_up", -1)]
 
 
-def _moves(counts: str, job: str, moves: dict[str, int]) -> list[Op]:
+def _came_up(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    spot = keys.spot(spot_id(m.aggregate_id))
+    return [("HSET", spot, "status", UP), ("HINCRBY", keys.counts, "spots_up", 1)]
+
+
+#: What each event type does to the dashboards.
+HANDLERS: dict[str, Handler] = {
+    "Job.Created": _job_created,
+    "TaskBlock.Created": _block_created,
+    "TaskBlock.Claimed": _claimed,
+    "TaskBlock.Completed": _completed,
+    "TaskBlock.Failed": _failed_or_reaped,
+    "TaskBlock.Reaped": _failed_or_reaped,
+    "Spot.Registered": _registered,
+    "Spot.HeartbeatRecorded": _heartbeat,
+    "Spot.MarkedDown": _marked_down,
+    "Spot.CameUp": _came_up,
+}
+
+
+def ops_for(keys: RedisKeys, m: EventMessage) -> list[Op] | None:
+    """The changes one event makes to the dashboards; None for a type with no handler."""
+    handler = HANDLERS.get(m.type)
+    return None if handler is None else handler(keys, m)
+
+
+def job_field(state: str) -> str:
+    """The field of a job's hash that counts its tasks in ``state`` (``done``...)."""
+    return state.lower()
+
+
+def _moves(keys: RedisKeys, m: EventMessage, moves: dict[str, int]) -> list[Op]:
+    """Tasks of the block ``m`` moved between states, in the counts and in their job."""
+    job = keys.job(m.data["job_id"])
     ops: list[Op] = []
     for state, n in moves.items():
         if n:
-            ops.append(("HINCRBY", counts, state, n))
-            ops.append(("HINCRBY", job, state.lower(), n))
+            ops.append(("HINCRBY", keys.counts, state, n))
+            ops.append(("HINCRBY", job, job_field(state), n))
     return ops
 
 
@@ -171,6 +216,9 @@ class RedisReadModel:
     """Applies events to the Redis dashboards under ``prefix``."""
 
     name = "redis"
+    #: The event types it shows, and those it leaves out on purpose (none).
+    HANDLED: frozenset[str] = frozenset(HANDLERS)
+    NOT_SHOWN: frozenset[str] = frozenset()
     #: Unreachable, loading, read-only (a replica) or out of memory: not the event's fault.
     transient: tuple[type[BaseException], ...] = (
         redis.ConnectionError,
@@ -183,6 +231,7 @@ class RedisReadModel:
         self.keys = RedisKeys(prefix)
         self.client: redis.Redis = redis.Redis.from_url(url, protocol=2, decode_responses=True)
         self._apply = self.client.register_script(APPLY)
+        self._unhandled = Unhandled(self.name, self.NOT_SHOWN)
 
     def close(self) -> None:
         self.client.close()
@@ -217,23 +266,24 @@ class RedisReadModel:
     def apply(self, messages: Sequence[EventMessage]) -> list[EventMessage]:
         pipe = self.client.pipeline(transaction=False)
         for m in messages:
+            # An event with no handler changes nothing, but its version is applied.
+            ops = ops_for(self.keys, m)
+            if ops is None:
+                self._unhandled.note(m.type)
             args: list[Any] = [str(m.aggregate_id), m.version]
-            for op in ops_for(self.keys, m):
+            for op in ops or ():
                 args.extend(op)
             self._apply(keys=[self.keys.applied], args=args, client=pipe)
         results = pipe.execute()
         return [m for m, r in zip(messages, results, strict=True) if r == -1]
 
     def dump(self) -> dict[str, Any]:
-        """Every dashboard key and its value, for comparing with a rebuild."""
+        """Every dashboard (a hash) and its fields, for comparing with a rebuild."""
         out: dict[str, Any] = {}
         for key in self.client.scan_iter(match=f"{self.keys.prefix}:*", count=1000):
             short = key[len(self.keys.prefix) :]
             if short == ":meta" or short.startswith(":metrics:"):
                 continue
-            kind = self.client.type(key)
-            if kind == "hash":
+            if self.client.type(key) == "hash":
                 out[short] = self.client.hgetall(key)
-            elif kind == "zset":
-                out[short] = self.client.zrange(key, 0, -1)
         return out

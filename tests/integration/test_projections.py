@@ -8,7 +8,9 @@ through Kafka is compared with one rebuilt from the event store alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -385,6 +387,8 @@ def test_read_models_fed_through_kafka_equal_a_rebuild_from_the_store(env: Env) 
     assert len(postgres_rows["jobs"]) == 4 and len(postgres_rows["spots"]) == 10
     assert {row[1] for row in postgres_rows["jobs"]} == {"DONE", "RUNNING"}
     assert any(":job:" in key for key in redis_keys) and ":counts" in redis_keys
+    others = [k for k in redis_keys if not k.startswith((":job:", ":spot:", ":counts", ":applied"))]
+    assert not others, f"Redis keys no dashboard reads: {others}"
     assert env.dumps() == expected  # and it stays so
 
 
@@ -462,6 +466,35 @@ def test_redelivered_and_older_events_change_nothing(env: Env) -> None:
         for m in delivered[::7]:
             assert model.apply([m]) == []  # one at a time
     assert (models[0].dump(), models[1].dump()) == expected
+
+
+def test_an_event_of_a_type_no_model_handles_changes_nothing_and_fails_nothing(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newer writer's block event, shaped like a failure: ignored, not counted, not a gap."""
+    env.writer.scenario()
+    messages = env.messages()
+    expected = env.rebuilt()
+    failed = next(m for m in reversed(messages) if m.type == "TaskBlock.Failed")
+    block = failed.aggregate_id
+    last = max(m.version for m in messages if m.aggregate_id == block)
+    unknown = [
+        dataclasses.replace(failed, type="TaskBlock.Split", version=last + n) for n in (1, 2, 3)
+    ]
+    models = (env.postgres(), env.redis())
+    with caplog.at_level(logging.WARNING, logger="projections.dispatch"):
+        for model in models:
+            model.create()
+            assert model.apply(messages) == []
+            assert model.apply(unknown[:2]) == []  # no error, and no gap after them
+            assert model.apply(unknown[2:]) == []
+    assert env.applied(block) == (last + 3, last + 3)  # their versions are applied
+    postgres, cache = models[0].dump(), models[1].dump()
+    assert postgres == expected[0]
+    assert cache.pop(":applied") != expected[1].pop(":applied")
+    assert cache == expected[1], "an unknown event changed the dashboards"
+    warned = [r.getMessage() for r in caplog.records if "TaskBlock.Split" in r.getMessage()]
+    assert len(warned) == 2, f"not one warning per model: {warned}"
 
 
 def test_a_gap_is_healed_from_the_store(env: Env) -> None:

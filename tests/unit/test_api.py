@@ -1388,11 +1388,8 @@ def test_audit_of_a_task_past_the_end_of_its_job_is_404(api: Api) -> None:
 def test_audit_does_not_answer_for_another_kind_of_aggregate(api: Api) -> None:
     job = api.job()
     spot = api.hello()
-    job_hex = job.removeprefix("job-")
-    spot_hex = spot.removeprefix("spot-")
-
-    as_spot = api.get(f"/api/v1/audit/spot/spot-{job_hex}/events")
-    as_job = api.get(f"/api/v1/audit/job/job-{spot_hex}/events")
+    as_spot = api.get(f"/api/v1/audit/spot/{spot_id(parse_job_id(job))}/events")
+    as_job = api.get(f"/api/v1/audit/job/{job_id(parse_spot_id(spot))}/events")
 
     assert (as_spot.status_code, as_spot.json) == (404, error("spot not found"))
     assert (as_job.status_code, as_job.json) == (404, error("job not found"))

@@ -11,7 +11,15 @@ from uuid import uuid4
 import pytest
 
 from domain.family import ConflictError, NotFoundError, Ok, Reaped
-from domain.ids import block_id, parse_job_id, parse_spot_id, parse_task_id, task_id
+from domain.ids import (
+    block_id,
+    job_id,
+    parse_job_id,
+    parse_spot_id,
+    parse_task_id,
+    spot_id,
+    task_id,
+)
 from domain.jobs import (
     BLOCK_SIZE,
     ClaimedTask,
@@ -314,7 +322,7 @@ def test_release_claims_frees_only_tasks_held_as_the_lost_claim_left_them(world:
 def test_claim_by_an_unknown_spot_is_not_found(world: World) -> None:
     world.job(1)
     position = world.position()
-    assert isinstance(world.one(ClaimTasks("spot-" + uuid4().hex, 1)), NotFoundError)
+    assert isinstance(world.one(ClaimTasks(spot_id(uuid4()), 1)), NotFoundError)
     assert isinstance(world.one(ClaimTasks("spot-garbled", 1)), NotFoundError)
     assert world.position() == position
 
@@ -383,8 +391,8 @@ def test_stale_fencing_token_is_refused(world: World) -> None:
     [
         "task-001",
         "garbage",
-        "task-" + uuid4().hex + "-0",
-        "job-" + uuid4().hex,
+        task_id(uuid4(), 0),
+        job_id(uuid4()),
     ],
 )
 def test_complete_or_fail_of_an_unknown_task_is_not_found(world: World, text: str) -> None:
@@ -505,7 +513,7 @@ def test_heartbeat_from_a_down_spot_brings_it_up(world: World) -> None:
 
 
 def test_heartbeat_from_an_unknown_spot_is_not_found(world: World) -> None:
-    assert isinstance(world.one(Heartbeat("spot-" + uuid4().hex)), NotFoundError)
+    assert isinstance(world.one(Heartbeat(spot_id(uuid4()))), NotFoundError)
     assert isinstance(world.one(Heartbeat("nonsense")), NotFoundError)
 
 

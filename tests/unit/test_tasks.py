@@ -7,6 +7,7 @@ from uuid import uuid4
 
 import pytest
 
+from domain.ids import job_id
 from domain.jobs.tasks import (
     DONE,
     FAILED,
@@ -30,7 +31,7 @@ def at(seconds: float) -> datetime:
 
 
 def make_block(first: int = 0, count: int = 10, max_attempts: int = 3) -> TaskBlock:
-    block = TaskBlock.create(uuid4(), "job-" + uuid4().hex, first, count, max_attempts)
+    block = TaskBlock.create(uuid4(), job_id(uuid4()), first, count, max_attempts)
     block.collect_events()
     return block
 
