@@ -22,7 +22,9 @@ For each ``--jobs`` count N (default 1,000 and 100,000):
    gunicorn master (its /proc start time, 10 ms resolution), which leaves out
    the embedded broker's start; the gunicorn worker's VmRSS right after /ready
    answers and after ``--idle`` s idle once healthy, and its VmHWM (peak RSS,
-   which covers recovery); and the VmRSS of the whole `tadpole up` tree then.
+   which covers recovery); the CPU seconds the worker had used by /ready (less
+   sensitive than the wall clock to whatever else the machine is doing); and
+   the VmRSS of the whole `tadpole up` tree after the idle wait.
 3. Median over the restarts per N, the ratio largest N / smallest N of each
    figure, a table on stdout, and bench/results/startup-<date>[-<label>].json.
 
@@ -133,6 +135,12 @@ def started_at(pid: int) -> float:
     """The process's start, in seconds since boot."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[19]) / TICKS
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def mb(kb: int) -> float:
@@ -259,7 +267,7 @@ def restart(env: dict[str, str], base: str, idle: float, timeout: float) -> dict
         if found is None:
             raise SystemExit("no gunicorn worker under tadpole up")
         master, worker = found
-        rss_ready = status_kb(worker, "VmRSS")
+        rss_ready, cpu_ready = status_kb(worker, "VmRSS"), cpu_s(worker)
         api_start = started_at(master)
         while (health := get(base + "/api/v1/health")[1] or {}).get("status") != "healthy":
             if now() - t0 > timeout:
@@ -272,6 +280,7 @@ def restart(env: dict[str, str], base: str, idle: float, timeout: float) -> dict
             "healthy_s": round(healthy - t0, 2),
             "api_ready_s": round(ready - api_start, 2),
             "api_healthy_s": round(healthy - api_start, 2),
+            "worker_cpu_at_ready_s": round(cpu_ready, 2),
             "worker_rss_ready_mb": mb(rss_ready),
             "worker_rss_idle_mb": mb(status_kb(worker, "VmRSS")),
             "worker_peak_rss_mb": mb(status_kb(worker, "VmHWM")),
@@ -295,6 +304,7 @@ FIGURES = {
     "healthy_s": "tadpole up → health healthy (s)",
     "api_ready_s": "API process → /ready 200 (s)",
     "api_healthy_s": "API process → healthy (s)",
+    "worker_cpu_at_ready_s": "API worker CPU used by ready (s)",
     "worker_rss_ready_mb": "API worker RSS at ready (MB)",
     "worker_rss_idle_mb": "API worker RSS idle (MB)",
     "worker_peak_rss_mb": "API worker peak RSS (MB)",
