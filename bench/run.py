@@ -77,12 +77,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-@contextlib.contextmanager
-def tadpole_up(prefix: str) -> Iterator[tuple[str, str]]:
-    """`tadpole up` on a free port with fresh schemas, keys and topics: ``(name, base URL)``.
-
-    Healthy, with both projectors' consumer groups joined; stopped and dropped after.
-    """
+def deployment(prefix: str) -> tuple[str, int, dict[str, str]]:
+    """A fresh name (store and read schemas, Redis prefix, topic prefix), a free port,
+    and the environment that points `tadpole up` at them (embedded broker)."""
     name = f"{prefix}{uuid4().hex[:8]}"
     port = free_port()
     env = {
@@ -95,9 +92,12 @@ def tadpole_up(prefix: str) -> Iterator[tuple[str, str]]:
         "TADPOLE_LOG_LEVEL": "WARNING",
     }
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    base = f"http://127.0.0.1:{port}"
-    log(f"starting tadpole up on {base} ({name})")
-    stack = subprocess.Popen(
+    return name, port, env
+
+
+def start_stack(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`tadpole up` in its own session, its output discarded."""
+    return subprocess.Popen(
         [sys.executable, "-m", "service.cli", "up"],
         env=env,
         cwd=ROOT,
@@ -105,16 +105,35 @@ def tadpole_up(prefix: str) -> Iterator[tuple[str, str]]:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def stop_stack(stack: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> int | None:
+    """Stop `tadpole up` with ``sig``: its exit code, or None if it had to be killed."""
+    stack.send_signal(sig)
+    try:
+        return stack.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(stack.pid, signal.SIGKILL)
+        stack.wait()
+        return None
+
+
+@contextlib.contextmanager
+def tadpole_up(prefix: str) -> Iterator[tuple[str, str]]:
+    """`tadpole up` on a free port with fresh schemas, keys and topics: ``(name, base URL)``.
+
+    Healthy, with both projectors' consumer groups joined; stopped and dropped after.
+    """
+    name, port, env = deployment(prefix)
+    base = f"http://127.0.0.1:{port}"
+    log(f"starting tadpole up on {base} ({name})")
+    stack = start_stack(env)
     try:
         wait_healthy(base)
         time.sleep(4)  # let both projectors' consumer groups finish joining
         yield name, base
     finally:
-        stack.send_signal(signal.SIGINT)
-        try:
-            stack.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(stack.pid, signal.SIGKILL)
+        stop_stack(stack)
         cleanup(name)
 
 
