@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from uuid import uuid4
 
 import psycopg
@@ -33,6 +34,7 @@ from tests.integration.support import wait_for
 pytestmark = pytest.mark.integration
 
 DATABASE_URL = Settings().database_url
+SWEEP_OF_3 = Sweep("/j.jar", "M", ("PSO",), Range(1, 3, 1), Range(1, 1, 1), Range(1, 1, 1))
 
 
 class Note(Aggregate):
@@ -252,3 +254,54 @@ async def test_the_writer_appends_on_the_loop_and_recovers_from_a_refused_batch(
         assert store.recorder.max_notification_id() > stored
     finally:
         await writer.stop()
+
+
+# ---- the index of open work ------------------------------------------------------------
+
+
+def open_table(store: TadpoleStore) -> sql.Composed:
+    recorder = store.recorder
+    assert isinstance(recorder, OneTripRecorder)
+    return sql.SQL("{}.{}").format(
+        sql.Identifier(recorder.datastore.schema),
+        sql.Identifier(f"{recorder.events_table_name}_open"),
+    )
+
+
+async def test_the_index_of_open_work_changes_in_the_appends_own_statement(
+    store: TadpoleStore, appender: AsyncAppender
+) -> None:
+    assert store.open_aggregates() == {}  # a new store's index is built from the start
+    a, b = Note("a"), Note("b")
+    await appender.append([*a.collect_events(), *b.collect_events()], {a.id: "Note", b.id: "Note"})
+    assert store.open_aggregates() == {a.id: "Note", b.id: "Note"}
+    a.edit("closed")
+    await appender.append(a.collect_events(), {}, [a.id])
+    assert store.open_aggregates() == {b.id: "Note"}
+    # A refused append changes the index no more than the events.
+    rival = store.repository.get(b.id)
+    b.edit("mine")
+    await appender.append(b.collect_events())
+    rival.edit("theirs")
+    with pytest.raises(psycopg.errors.IntegrityError):
+        await appender.append(rival.collect_events(), {}, [b.id])
+    assert store.open_aggregates() == {b.id: "Note"}
+
+
+def test_a_store_from_before_the_index_has_it_built_once_by_the_writer(
+    store: TadpoleStore,
+) -> None:
+    processor = CommandProcessor(StorePort(store), 3, 5.0)
+    now = datetime.now(UTC)
+    spot, job = processor.process([Hello("10.0.0.1"), CreateJob(SWEEP_OF_3)], now)
+    assert isinstance(spot, SpotRegistered) and isinstance(job, JobCreated)
+    expected = store.open_aggregates()
+    assert expected is not None and sorted(expected.values()) == ["Spot", "TaskBlock"]
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DELETE FROM {}").format(open_table(store)))  # as an older version
+    assert store.open_aggregates() is None
+    restarted = CommandProcessor(StorePort(store), 3, 5.0)
+    restarted.recover(now)
+    assert store.open_aggregates() == expected
+    (claimed,) = restarted.process([ClaimTasks(spot.spot_id, 3)], now)
+    assert isinstance(claimed, Claimed) and len(claimed.tasks) == 3
