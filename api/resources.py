@@ -24,7 +24,7 @@ from domain.ids import job_id as public_job_id
 from domain.jobs import ClaimTasks, CompleteTask, CreateJob, FailTask
 from domain.jobs.sweeps import Range, Sweep, SweepError
 from domain.spots import Heartbeat, Hello
-from projections.views import CONNECTED, PostgresViews, RedisViews, wait_until_applied
+from projections.views import CONNECTED, wait_until_applied
 
 MAX_RESULT_JSON = 64 * 1024
 
@@ -40,6 +40,36 @@ class Writer(Protocol):
     def ready(self) -> bool:
         """Recovered from the store, and its last store operation went through."""
         ...
+
+
+class FastViews(Protocol):
+    """The fast read model (``projections.views.RedisViews``): job progress and counts."""
+
+    async def state(self) -> str:
+        """``connected``, ``rebuilding`` or ``disconnected``."""
+        ...
+
+    async def applied(self, uuids: list[UUID]) -> dict[UUID, int]: ...
+
+    async def job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def counts(self) -> dict[str, int]: ...
+
+
+class TableViews(Protocol):
+    """The PostgreSQL read model (``projections.views.PostgresViews``)."""
+
+    async def ping(self) -> bool: ...
+
+    async def applied(self, uuids: list[UUID]) -> dict[UUID, int]: ...
+
+    async def job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def counts(self) -> dict[str, int]: ...
+
+    async def results(self, job_id: str) -> list[dict[str, Any]]: ...
+
+    async def spots(self) -> list[dict[str, Any]]: ...
 
 
 class Stage(Protocol):
@@ -77,8 +107,8 @@ class Audit(Protocol):
 @dataclass
 class ApiContext:
     writer: Writer
-    redis: RedisViews
-    postgres: PostgresViews
+    redis: FastViews
+    postgres: TableViews
     audit: Audit
     block_ids: Callable[[UUID], list[UUID]]
     max_sweep_tasks: int
