@@ -87,9 +87,12 @@ class OneTripRecorder(PostgresApplicationRecorder):
                 "(originator_id, originator_version, topic, state) "
                 "SELECT * FROM unnest(ids, versions, topics, states) "
                 "RETURNING notification_id; "
+                # Most appends open and close nothing: then the index is not touched.
+                "IF cardinality(open_ids) > 0 THEN "
                 "INSERT INTO {schema}.{open} SELECT * FROM unnest(open_ids, open_kinds) "
-                "ON CONFLICT (id) DO NOTHING; "
-                "DELETE FROM {schema}.{open} WHERE id = ANY(closed_ids); "
+                "ON CONFLICT (id) DO NOTHING; END IF; "
+                "IF cardinality(closed_ids) > 0 THEN "
+                "DELETE FROM {schema}.{open} WHERE id = ANY(closed_ids); END IF; "
                 "END $body$"
             ).format(**names),
         ]
