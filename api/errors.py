@@ -25,9 +25,9 @@ from domain.family import (
     Result,
     StoreUnavailableError,
 )
-from domain.jobs import Claimed, Finished, JobCreated
+from domain.jobs import Finished, JobCreated
 from domain.jobs.tasks import Outcome
-from domain.spots import SpotRegistered
+from domain.spots import Claimed, SpotRegistered
 
 Response = falcon.asgi.Response
 

@@ -21,9 +21,9 @@ from api import validation as v
 from api.errors import answer
 from domain.family import Command, Result
 from domain.ids import job_id as public_job_id
-from domain.jobs import ClaimTasks, CompleteTask, CreateJob, FailTask
+from domain.jobs import CompleteTask, CreateJob, FailTask
 from domain.jobs.sweeps import Range, Sweep, SweepError
-from domain.spots import Heartbeat, Hello
+from domain.spots import ClaimTasks, Heartbeat, Hello
 from projections.views import CONNECTED, wait_until_applied
 
 MAX_RESULT_JSON = 64 * 1024

@@ -139,6 +139,7 @@ class Family:
             history; an aggregate class not listed here is never indexed (it is
             loaded on demand).
         audit: Public entity name (``"job"``) → ``(public id, source) -> events or None``.
+        offer: Hands claimable work to a spot that claims (see the attribute).
         release: Takes back the work held by holders ``due`` says are gone (a spot
             went down, a lease expired); the ids of the work taken back.
         legacy_topics: Topics this family's classes were stored under before they
@@ -157,6 +158,9 @@ class Family:
         default_factory=dict
     )
     release: Callable[[Any, HolderDue, str], list[str]] | None = None
+    #: Hands up to ``n`` of its claimable tasks to spot ``holder`` (a claim), in the
+    #: order families are registered: ``(work, holder, n) -> [ClaimedTask]``.
+    offer: Callable[[Any, str, int], list[Any]] | None = None
     legacy_topics: Mapping[str, type] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -320,6 +320,14 @@ class UnitOfWork:
                 released += family.release(self.work(family), due, reason)
         return released
 
+    def offer(self, holder: str, n: int) -> list[Any]:
+        """Up to ``n`` tasks for spot ``holder``, from every family that hands out work."""
+        offered: list[Any] = []
+        for family in self.processor.families:
+            if family.offer is not None and len(offered) < n:
+                offered += family.offer(self.work(family), holder, n - len(offered))
+        return offered
+
     def commit(self) -> None:
         self.processor._commit(self)
 

@@ -34,8 +34,9 @@ from domain.family import (
     Result,
     StoreUnavailableError,
 )
-from domain.jobs import Claimed, ClaimTasks, ReleaseClaims
+from domain.jobs import ReleaseClaims
 from domain.processor import CommandProcessor, Decided
+from domain.spots import Claimed, ClaimTasks
 
 __all__ = ["GroupCommitWriter", "OutcomeUnknownError", "StoreUnavailableError"]
 

@@ -10,9 +10,6 @@ from domain.family import Family, Phase, Reaped
 from domain.ids import parse_job_id
 from domain.jobs.audit import task_history
 from domain.jobs.commands import (
-    Claimed,
-    ClaimedTask,
-    ClaimTasks,
     CompleteTask,
     CreateJob,
     FailTask,
@@ -42,29 +39,25 @@ FAMILY = Family(
         FailTask: JobsWork.fail,
         ReapTasks: JobsWork.reap_tasks,
         ReleaseClaims: JobsWork.release_claims,
-        ClaimTasks: JobsWork.claim,
     },
     phases={
         CompleteTask: Phase.FINISH,
         FailTask: Phase.FINISH,
         ReapTasks: Phase.FINISH,
         ReleaseClaims: Phase.FINISH,
-        ClaimTasks: Phase.CLAIM,
     },
-    results=(JobCreated, Claimed, Finished, Reaped),
+    results=(JobCreated, Finished, Reaped),
     state=OpenJobs,
     open_when={TaskBlock: lambda block: not block.is_finished()},
     audit={"job": whole(parse_job_id, Job), "task": task_history},
     release=JobsWork.release,
+    offer=JobsWork.offer,
     legacy_topics={"domain.jobs:Job": Job, "domain.tasks:TaskBlock": TaskBlock},
 )
 
 __all__ = [
     "BLOCK_SIZE",
     "FAMILY",
-    "ClaimTasks",
-    "Claimed",
-    "ClaimedTask",
     "CompleteTask",
     "CreateJob",
     "FailTask",

@@ -15,12 +15,6 @@ class CreateJob:
 
 
 @dataclass(frozen=True)
-class ClaimTasks:
-    spot_id: str
-    max_tasks: int
-
-
-@dataclass(frozen=True)
 class CompleteTask:
     task_id: str
     spot_id: str
@@ -67,18 +61,6 @@ class JobCreated:
     job_id: str
     total_tasks: int
     replayed: bool
-
-
-@dataclass(frozen=True)
-class ClaimedTask:
-    task_id: str
-    payload: str
-    fence: int
-
-
-@dataclass(frozen=True)
-class Claimed:
-    tasks: list[ClaimedTask]
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,6 @@ from domain.ids import (
     task_id,
 )
 from domain.jobs.commands import (
-    Claimed,
-    ClaimedTask,
-    ClaimTasks,
     CompleteTask,
     CreateJob,
     FailTask,
@@ -53,7 +50,7 @@ from domain.jobs.sweeps import parse
 from domain.jobs.tasks import RUNNING, BlockBatch, Completion, TaskBlock
 from domain.processor import UnitOfWork
 from domain.spots import FAMILY as SPOTS
-from domain.spots import UP
+from domain.spots.commands import ClaimedTask
 from domain.spots.state import SpotsWork
 
 #: Tasks per block: one aggregate's worth of claims, completions and failures.
@@ -288,31 +285,27 @@ class JobsWork:
 
     # ---- claiming ------------------------------------------------------------------
 
-    def claim(self, c: ClaimTasks) -> Result:
-        spot = self.spots.spot(c.spot_id)
-        if spot is None:
-            return NotFoundError("spot not found")
-        if spot.status != UP:
-            return ConflictError("spot is DOWN: send a heartbeat to bring it back UP")
+    def offer(self, holder: str, n: int) -> list[ClaimedTask]:
+        """Up to ``n`` NEW tasks for ``holder``, oldest claimable block first."""
         claimed: list[ClaimedTask] = []
         for block in self._claimable_blocks():
             picked = self.picked.setdefault(block.id, set())
-            indexes = block.new_indexes(c.max_tasks - len(claimed), picked)
+            indexes = block.new_indexes(n - len(claimed), picked)
             if not indexes:
                 continue
             picked.update(indexes)
             pending = self.claims.setdefault(block.id, ([], []))
             pending[0].extend(indexes)
-            pending[1].extend([c.spot_id] * len(indexes))
+            pending[1].extend([holder] * len(indexes))
             job = self._job_of(block)
             sweep = parse(job.sweep)
             fences = {i: block.view(i).fence + 1 for i in indexes}
             claimed.extend(
                 ClaimedTask(task_id(job.id, i), sweep.payload(i), fences[i]) for i in indexes
             )
-            if len(claimed) == c.max_tasks:
+            if len(claimed) == n:
                 break
-        return Claimed(claimed)
+        return claimed
 
     def _job_of(self, block: TaskBlock) -> Job:
         """The block's job: its sweep gives the tasks' payloads."""

@@ -8,7 +8,15 @@ from __future__ import annotations
 from domain.audit import whole
 from domain.family import Family, Phase, Reaped
 from domain.ids import parse_spot_id
-from domain.spots.commands import Heartbeat, Hello, ReapSpots, SpotRegistered
+from domain.spots.commands import (
+    Claimed,
+    ClaimedTask,
+    ClaimTasks,
+    Heartbeat,
+    Hello,
+    ReapSpots,
+    SpotRegistered,
+)
 from domain.spots.spot import DOWN, UP, Spot
 from domain.spots.state import LiveSpots, SpotsWork
 
@@ -20,9 +28,10 @@ FAMILY = Family(
         Hello: SpotsWork.hello,
         Heartbeat: SpotsWork.heartbeat,
         ReapSpots: SpotsWork.reap_spots,
+        ClaimTasks: SpotsWork.claim,
     },
-    phases={ReapSpots: Phase.FINISH},
-    results=(SpotRegistered, Reaped),
+    phases={ReapSpots: Phase.FINISH, ClaimTasks: Phase.CLAIM},
+    results=(SpotRegistered, Claimed, Reaped),
     state=LiveSpots,
     open_when={Spot: lambda spot: spot.status == UP},
     audit={"spot": whole(parse_spot_id, Spot)},
@@ -33,6 +42,9 @@ __all__ = [
     "DOWN",
     "FAMILY",
     "UP",
+    "ClaimTasks",
+    "Claimed",
+    "ClaimedTask",
     "Heartbeat",
     "Hello",
     "LiveSpots",

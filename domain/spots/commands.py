@@ -22,6 +22,26 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class ClaimTasks:
+    """A spot asks for up to ``max_tasks`` tasks; every family that hands out work offers some."""
+
+    spot_id: str
+    max_tasks: int
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    task_id: str
+    payload: str
+    fence: int
+
+
+@dataclass(frozen=True)
+class Claimed:
+    tasks: list[ClaimedTask]
+
+
+@dataclass(frozen=True)
 class ReapSpots:
     """SpotReaper: spots silent for longer than ``timeout`` seconds go DOWN, and every
     family takes back the work they held."""

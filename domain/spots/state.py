@@ -11,10 +11,17 @@ from collections.abc import Iterable
 from datetime import datetime
 from uuid import UUID, uuid4
 
-from domain.family import Config, Loader, NotFoundError, Ok, Reaped, Recent, Result
+from domain.family import Config, ConflictError, Loader, NotFoundError, Ok, Reaped, Recent, Result
 from domain.ids import UnknownIdError, parse_spot_id
 from domain.processor import UnitOfWork
-from domain.spots.commands import Heartbeat, Hello, ReapSpots, SpotRegistered
+from domain.spots.commands import (
+    Claimed,
+    ClaimTasks,
+    Heartbeat,
+    Hello,
+    ReapSpots,
+    SpotRegistered,
+)
 from domain.spots.spot import DOWN, UP, Spot
 
 
@@ -113,6 +120,14 @@ class SpotsWork:
             spot.record_heartbeat(*figures, at=now)
             self.uow.add(spot)
         return Ok()
+
+    def claim(self, c: ClaimTasks) -> Result:
+        spot = self.spot(c.spot_id)
+        if spot is None:
+            return NotFoundError("spot not found")
+        if spot.status != UP:
+            return ConflictError("spot is DOWN: send a heartbeat to bring it back UP")
+        return Claimed(self.uow.offer(c.spot_id, c.max_tasks))
 
     def reap_spots(self, c: ReapSpots) -> Result:
         down: list[str] = []

@@ -28,10 +28,10 @@ from api.app import create_app
 from api.resources import ApiContext
 from domain.family import Ok
 from domain.ids import parse_job_id
-from domain.jobs import Claimed, ClaimTasks, CreateJob, JobCreated
+from domain.jobs import CreateJob, JobCreated
 from domain.jobs.sweeps import Range, Sweep
 from domain.jobs.tasks import NEW, TaskBlock
-from domain.spots import Heartbeat, Hello, SpotRegistered
+from domain.spots import Claimed, ClaimTasks, Heartbeat, Hello, SpotRegistered
 from eventstore.recorder import AsyncAppender
 from eventstore.store import TadpoleStore
 from service.bootstrap import bootstrap

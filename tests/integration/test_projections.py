@@ -34,18 +34,18 @@ from psycopg import sql
 
 from domain.family import Result
 from domain.ids import parse_job_id, parse_spot_id
-from domain.jobs import (
+from domain.jobs import CompleteTask, CreateJob, FailTask, JobCreated
+from domain.jobs.sweeps import Range, Sweep
+from domain.processor import CommandProcessor
+from domain.spots import (
     Claimed,
     ClaimedTask,
     ClaimTasks,
-    CompleteTask,
-    CreateJob,
-    FailTask,
-    JobCreated,
+    Heartbeat,
+    Hello,
+    ReapSpots,
+    SpotRegistered,
 )
-from domain.jobs.sweeps import Range, Sweep
-from domain.processor import CommandProcessor
-from domain.spots import Heartbeat, Hello, ReapSpots, SpotRegistered
 from eventstore.store import StorePort, TadpoleStore
 from projections.postgres.tables import PostgresReadModel
 from projections.redis.dashboards import LagSamples, RedisReadModel

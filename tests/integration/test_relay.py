@@ -30,18 +30,18 @@ from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
 from domain.family import Result
-from domain.jobs import (
+from domain.jobs import CompleteTask, CreateJob, FailTask, JobCreated
+from domain.jobs.sweeps import Range, Sweep
+from domain.processor import CommandProcessor
+from domain.spots import (
     Claimed,
     ClaimedTask,
     ClaimTasks,
-    CompleteTask,
-    CreateJob,
-    FailTask,
-    JobCreated,
+    Heartbeat,
+    Hello,
+    ReapSpots,
+    SpotRegistered,
 )
-from domain.jobs.sweeps import Range, Sweep
-from domain.processor import CommandProcessor
-from domain.spots import Heartbeat, Hello, ReapSpots, SpotRegistered
 from eventstore.store import StorePort, TadpoleStore
 from schemas.codec import Codec, EventMessage
 from service.settings import Settings

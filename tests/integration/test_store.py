@@ -19,11 +19,11 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 from psycopg import sql
 
-from domain.jobs import Claimed, ClaimTasks, CompleteTask, CreateJob, Finished, JobCreated
+from domain.jobs import CompleteTask, CreateJob, Finished, JobCreated
 from domain.jobs.sweeps import Range, Sweep
 from domain.jobs.tasks import Outcome
 from domain.processor import CommandProcessor
-from domain.spots import Hello, SpotRegistered
+from domain.spots import Claimed, ClaimTasks, Hello, SpotRegistered
 from eventstore.recorder import AsyncAppender, OneTripRecorder
 from eventstore.store import StorePort, TadpoleStore
 from service.settings import Settings

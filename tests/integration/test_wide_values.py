@@ -15,10 +15,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from domain.jobs import Claimed, ClaimTasks, CompleteTask, CreateJob
+from domain.jobs import CompleteTask, CreateJob
 from domain.jobs.sweeps import VALUE_MAX, VALUE_MIN, Range, Sweep
 from domain.processor import CommandProcessor
-from domain.spots import Heartbeat, Hello, SpotRegistered
+from domain.spots import Claimed, ClaimTasks, Heartbeat, Hello, SpotRegistered
 from eventstore.store import StorePort, TadpoleStore
 from projections.postgres.tables import PostgresReadModel
 from service.settings import Settings

@@ -13,10 +13,10 @@ import pytest
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 import schemas.codec as codec_module
-from domain.jobs import ClaimTasks, CompleteTask, CreateJob, FailTask, ReapTasks
+from domain.jobs import CompleteTask, CreateJob, FailTask, ReapTasks
 from domain.jobs.sweeps import Range, Sweep
 from domain.processor import CommandProcessor
-from domain.spots import Heartbeat, Hello, ReapSpots
+from domain.spots import ClaimTasks, Heartbeat, Hello, ReapSpots
 from eventstore.store import StorePort, TadpoleStore, memory_env
 from schemas.codec import MARKER, Codec, DecodeError, EventMessage, message_from_event
 from schemas.events import (

@@ -22,8 +22,6 @@ from domain.ids import (
 )
 from domain.jobs import (
     BLOCK_SIZE,
-    ClaimedTask,
-    ClaimTasks,
     CompleteTask,
     CreateJob,
     FailTask,
@@ -36,7 +34,18 @@ from domain.jobs import (
 from domain.jobs.sweeps import Range, Sweep
 from domain.jobs.tasks import DONE, FAILED, NEW, RUNNING, Outcome, TaskBlock
 from domain.processor import CommandProcessor
-from domain.spots import DOWN, UP, Heartbeat, Hello, LiveSpots, ReapSpots, Spot, SpotRegistered
+from domain.spots import (
+    DOWN,
+    UP,
+    ClaimedTask,
+    ClaimTasks,
+    Heartbeat,
+    Hello,
+    LiveSpots,
+    ReapSpots,
+    Spot,
+    SpotRegistered,
+)
 from eventstore.store import StorePort, TadpoleStore, memory_env
 
 T0 = datetime(2026, 1, 28, 16, 0, tzinfo=UTC)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from domain.ids import block_id, parse_job_id
-from domain.jobs import ClaimTasks, CompleteTask, CreateJob, JobCreated, OpenJobs
+from domain.jobs import CompleteTask, CreateJob, JobCreated, OpenJobs
 from domain.jobs.sweeps import Range, Sweep
 from domain.jobs.tasks import TaskBlock
 from domain.processor import CommandProcessor
-from domain.spots import Hello, SpotRegistered
+from domain.spots import ClaimTasks, Hello, SpotRegistered
 from eventstore.store import StorePort, TadpoleStore, memory_env
 from schemas.codec import Codec, message_from_event
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from domain.family import Ok
-from domain.jobs import Claimed, ClaimTasks, CreateJob, JobCreated, OpenJobs
+from domain.jobs import CreateJob, JobCreated, OpenJobs
 from domain.jobs.sweeps import Range, Sweep
 from domain.jobs.tasks import TaskBlock
 from domain.processor import CommandProcessor
-from domain.spots import Heartbeat, Hello, LiveSpots, SpotRegistered
+from domain.spots import Claimed, ClaimTasks, Heartbeat, Hello, LiveSpots, SpotRegistered
 from eventstore.store import StorePort, TadpoleStore, memory_env
 from service.writer import (
     RETRY_FIRST,
