@@ -28,6 +28,7 @@ from domain.family import (
 from domain.jobs import Finished, JobCreated
 from domain.jobs.tasks import Outcome
 from domain.spots import Claimed, SpotRegistered
+from domain.workflows import LeaseExtended, RunStarted, TaskReported, WorkflowRegistered
 
 Response = falcon.asgi.Response
 
@@ -68,6 +69,34 @@ def _finished(resp: Response, result: Finished, failing: bool) -> None:
         raise falcon.HTTPConflict(description=result.outcome.value)
 
 
+def _workflow_registered(resp: Response, result: WorkflowRegistered, failing: bool) -> None:
+    resp.status = falcon.HTTP_201 if result.created else falcon.HTTP_200
+    resp.media = {
+        "success": True,
+        "namespace": result.namespace,
+        "name": result.name,
+        "version": result.version,
+    }
+
+
+def _run_started(resp: Response, result: RunStarted, failing: bool) -> None:
+    resp.status = falcon.HTTP_201 if result.created else falcon.HTTP_200
+    resp.media = {"success": True, "instanceId": str(result.instance_id)}
+    resp.location = f"/api/v1/workflow-runs/{result.instance_id}"
+
+
+def _task_reported(resp: Response, result: TaskReported, failing: bool) -> None:
+    resp.media = (
+        {"success": True, "willRetry": result.will_retry}
+        if result.will_retry is not None
+        else {"success": True}
+    )
+
+
+def _lease_extended(resp: Response, result: LeaseExtended, failing: bool) -> None:
+    resp.media = {"success": True, "leaseExpiresAt": result.expires_at.isoformat()}
+
+
 def _ok(resp: Response, result: Any, failing: bool) -> None:
     resp.media = {"success": True}
 
@@ -80,6 +109,10 @@ RESPONSES: dict[type, Callable[[Response, Any, bool], None]] = {
     Finished: _finished,
     Reaped: _ok,
     Ok: _ok,
+    WorkflowRegistered: _workflow_registered,
+    RunStarted: _run_started,
+    TaskReported: _task_reported,
+    LeaseExtended: _lease_extended,
 }
 
 

@@ -176,6 +176,8 @@ class Config:
     heartbeat_store_interval: float = 5.0
     #: How many closed aggregates a family keeps in memory after last use.
     recent: int = 1024
+    #: Seconds a workflow task's lease lasts unless renewed.
+    lease_seconds: float = 30.0
 
 
 _K = TypeVar("_K")

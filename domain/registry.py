@@ -9,10 +9,10 @@ schema, no topic, or no handler in a read model.
 
 from __future__ import annotations
 
-from domain import jobs, spots
+from domain import jobs, spots, workflows
 from domain.family import Family
 
-FAMILIES: tuple[Family, ...] = (jobs.FAMILY, spots.FAMILY)
+FAMILIES: tuple[Family, ...] = (workflows.FAMILY, jobs.FAMILY, spots.FAMILY)
 
 #: Every event Tadpole stores, in the order the schemas are listed.
 EVENTS: tuple[type, ...] = tuple(e for f in FAMILIES for e in f.events)

@@ -1353,7 +1353,9 @@ def test_audit_of_an_unknown_aggregate_kind_is_404(api: Api) -> None:
     result = api.get(f"/api/v1/audit/block/{job}/events")
 
     assert result.status_code == 404
-    assert result.json == error("unknown aggregate 'block': use job, task or spot")
+    assert result.json == error(
+        "unknown aggregate 'block': use workflow-run, workflow-task, job, task or spot"
+    )
 
 
 @pytest.mark.parametrize(

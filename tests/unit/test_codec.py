@@ -17,6 +17,19 @@ from domain.jobs import CompleteTask, CreateJob, FailTask, ReapTasks
 from domain.jobs.sweeps import Range, Sweep
 from domain.processor import CommandProcessor
 from domain.spots import ClaimTasks, Heartbeat, Hello, ReapSpots
+from domain.workflows import (
+    CancelRun,
+    CompensateRun,
+    CompleteWorkflowTask,
+    Definition,
+    FailWorkflowTask,
+    PauseRun,
+    RegisterWorkflow,
+    RenewLease,
+    ResumeRun,
+    RetryWorkflowTask,
+    StartRun,
+)
 from eventstore.store import StorePort, TadpoleStore, memory_env
 from schemas.codec import MARKER, Codec, DecodeError, EventMessage, message_from_event
 from schemas.events import (
@@ -68,10 +81,42 @@ def stored_messages() -> list[EventMessage]:
     p.process([ReapSpots(10.0)], at(21))  # Spot.MarkedDown, TaskBlock.Reaped (spot down)
     p.process([Heartbeat(sleeper)], at(22))  # Spot.CameUp
     assert lost.task_id
+    workflow_life(p, worker)
     return [
         message_from_event(store.mapper.to_domain_event(n), n.id)
         for n in store.notifications(0, 1000)
     ]
+
+
+def workflow_life(p: CommandProcessor, spot: str) -> None:
+    """Every workflow event: registered, started, claimed, renewed, failed, retried..."""
+    d = Definition.from_dict(
+        {
+            "namespace": "n",
+            "name": "w",
+            "version": "1",
+            "tasks": [
+                {"id": "a", "compensation": {"payload": {}}},
+                {"id": "b", "dependsOn": ["a"], "retry": {"maxAttempts": 1}},
+            ],
+            "compensateOnFailure": False,
+        }
+    )
+    p.process([RegisterWorkflow(d)], at(30))  # Registered, VersionRegistered
+    (started,) = p.process([StartRun("n", "w", "r", "{}")], at(30))  # Started
+    run = started.instance_id
+    (claim,) = p.process([ClaimTasks(spot, 1)], at(31))  # TaskClaimed
+    a = claim.tasks[0]
+    p.process([RenewLease(a.task_id, spot, a.fence)], at(31))  # LeaseRenewed
+    p.process([PauseRun(run)], at(32))  # Paused, StateChanged
+    p.process([ResumeRun(run)], at(32))  # Resumed, StateChanged
+    p.process([CompleteWorkflowTask(a.task_id, spot, a.fence, "{}")], at(33))  # TaskCompleted
+    (claim,) = p.process([ClaimTasks(spot, 1)], at(34))
+    b = claim.tasks[0]
+    p.process([FailWorkflowTask(b.task_id, spot, b.fence, "no", False)], at(34))  # AttemptFailed
+    p.process([RetryWorkflowTask(run, "b", None)], at(35))  # TaskRetried
+    p.process([CompensateRun(run, "a")], at(36))  # CompensationStarted
+    p.process([CancelRun(run)], at(37))  # Cancelled
 
 
 @pytest.fixture(scope="module")
