@@ -12,6 +12,7 @@ import orjson
 
 from api import resources as r
 from api import validation as v
+from api import workflows as w
 from api.converters import CONVERTERS
 from api.errors import ERROR_HANDLERS, serialize_error
 from api.middleware import AgentKey, KnownMethods
@@ -54,6 +55,14 @@ def create_app(ctx: r.ApiContext, agent_key: str = "", middleware: list[Any] | N
     route("/internal/v1/tasks/claim", r.Claims(ctx))
     route("/internal/v1/tasks/{task_id:task}/complete", reports, suffix="complete")
     route("/internal/v1/tasks/{task_id:task}/fail", reports, suffix="fail")
+    route("/internal/v1/tasks/{task_id:task}/renew", reports, suffix="renew")
+    workflows, runs = w.Workflows(ctx), w.WorkflowRuns(ctx)
+    route("/api/v1/workflows", workflows)
+    route("/api/v1/workflows/{namespace}/{name}/runs", workflows, suffix="runs")
+    route("/api/v1/workflow-runs/{instance:instance}", runs)
+    for action in ("pause", "resume", "cancel", "compensate"):
+        route(f"/api/v1/workflow-runs/{{instance:instance}}/{action}", runs, suffix=action)
+    route("/api/v1/workflow-runs/{instance:instance}/tasks/{task_id}/retry", runs, suffix="retry")
     return app
 
 

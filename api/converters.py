@@ -14,6 +14,7 @@ import falcon.routing
 
 from api import validation as v
 from domain.ids import UnknownIdError, parse_job_id, parse_task_id
+from domain.workflows.ids import parse_instance_id, parse_workflow_task_id
 
 
 class JobId(falcon.routing.BaseConverter):
@@ -28,14 +29,33 @@ class JobId(falcon.routing.BaseConverter):
 
 
 class TaskId(falcon.routing.BaseConverter):
-    """``{task_id:task}``: a task id, checked to be one (the text itself is passed on)."""
+    """``{task_id:task}``: a job's or a workflow's task id, checked to be one (the text
+    itself is passed on)."""
 
     def convert(self, value: str) -> str:
         v.scalar_fits(value, "task_id")
+        for parse in (parse_task_id, parse_workflow_task_id):
+            try:
+                parse(value)
+            except UnknownIdError:
+                continue
+            return value
+        raise falcon.HTTPNotFound(description="task not found")
+
+
+class InstanceId(falcon.routing.BaseConverter):
+    """``{instance:instance}``: a workflow run's instance id (a UUID)."""
+
+    def convert(self, value: str) -> UUID:
+        v.scalar_fits(value, "instance")
         try:
-            return parse_task_id(value).id
+            return parse_instance_id(value)
         except UnknownIdError:
-            raise falcon.HTTPNotFound(description="task not found") from None
+            raise falcon.HTTPNotFound(description="workflow run not found") from None
 
 
-CONVERTERS: dict[str, type[falcon.routing.BaseConverter]] = {"job": JobId, "task": TaskId}
+CONVERTERS: dict[str, type[falcon.routing.BaseConverter]] = {
+    "job": JobId,
+    "task": TaskId,
+    "instance": InstanceId,
+}

@@ -15,6 +15,7 @@ from uuid import UUID
 
 import falcon
 import falcon.asgi
+import orjson
 import redis.asyncio as aioredis
 
 from api import validation as v
@@ -23,7 +24,9 @@ from domain.family import Command, Result
 from domain.ids import job_id as public_job_id
 from domain.jobs import CompleteTask, CreateJob, FailTask
 from domain.jobs.sweeps import Range, Sweep, SweepError
-from domain.spots import ClaimTasks, Heartbeat, Hello
+from domain.spots import Claimed, ClaimTasks, Heartbeat, Hello
+from domain.workflows import CompleteWorkflowTask, FailWorkflowTask, RenewLease
+from domain.workflows.ids import WORKFLOW_TASK_PREFIX
 from projections.views import CONNECTED, wait_until_applied
 
 MAX_RESULT_JSON = 64 * 1024
@@ -39,6 +42,14 @@ class Writer(Protocol):
     @property
     def ready(self) -> bool:
         """Recovered from the store, and its last store operation went through."""
+        ...
+
+    def changes(self) -> int:
+        """How many batches it has stored so far (to wait for the next)."""
+        ...
+
+    async def wait_for_change(self, seen: int, timeout: float) -> None:
+        """Return once a batch after the ``seen``-th is stored, or after ``timeout`` s."""
         ...
 
 
@@ -102,6 +113,10 @@ class Audit(Protocol):
         ...
 
     def history(self, aggregate: str, entity_id: str) -> list[dict[str, Any]] | None: ...
+
+    def load(self, uuid: UUID) -> Any:
+        """An aggregate as its stored events make it (blocking: run in a thread)."""
+        ...
 
 
 @dataclass
@@ -356,6 +371,11 @@ class Heartbeats:
 
 
 class Claims:
+    """``POST /internal/v1/tasks/claim``; with ``waitMs``, a long poll for the next task."""
+
+    #: Longest a claim may wait for a task (seed 002's workers poll; this lets them wait).
+    MAX_WAIT_MS = 30_000
+
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
 
@@ -365,7 +385,25 @@ class Claims:
         max_tasks = int(
             v.integer(body, "maxTasks", required=False, low=1, high=100, default=1) or 1
         )
-        answer(resp, await submit(self.ctx, req, ClaimTasks(spot, max_tasks)))
+        wait_ms = int(
+            v.integer(body, "waitMs", required=False, low=0, high=self.MAX_WAIT_MS, default=0) or 0
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_ms / 1000
+        while True:
+            changes = self.ctx.writer.changes()
+            result = await submit(self.ctx, req, ClaimTasks(spot, max_tasks))
+            remaining = deadline - loop.time()
+            if not isinstance(result, Claimed) or result.tasks or remaining <= 0:
+                break
+            # Nothing yet: wait for the next stored batch (it may have made a task
+            # claimable), or a moment for a backoff to run out, then claim again.
+            await self.ctx.writer.wait_for_change(changes, min(remaining, LONG_POLL_RECHECK))
+        answer(resp, result)
+
+
+#: How often a waiting claim looks again without news (a backoff may have run out).
+LONG_POLL_RECHECK = 0.25
 
 
 class TaskReports:
@@ -376,29 +414,69 @@ class TaskReports:
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, task_id: str
     ) -> None:
         body = await v.json_body(req)
-        command = CompleteTask(
-            task_id=task_id,
-            spot_id=str(v.text(body, "spotId", max_len=64)),
-            fence=v.integer(body, "fenceToken", required=False, low=0),
-            runtime_ms=v.integer(body, "runtimeMs", required=False, low=0),
-            iter=v.integer(body, "iter", required=False),
-            fopt=v.number(body, "fopt"),
-            result_json=v.text(body, "resultJson", required=False, max_len=MAX_RESULT_JSON),
-        )
+        spot = str(v.text(body, "spotId", max_len=64))
+        fence = v.integer(body, "fenceToken", required=False, low=0)
+        result_json = v.text(body, "resultJson", required=False, max_len=MAX_RESULT_JSON)
+        command: Command
+        if task_id.startswith(WORKFLOW_TASK_PREFIX):
+            command = CompleteWorkflowTask(
+                task_id, spot, fence, _workflow_output(body, result_json)
+            )
+        else:
+            command = CompleteTask(
+                task_id=task_id,
+                spot_id=spot,
+                fence=fence,
+                runtime_ms=v.integer(body, "runtimeMs", required=False, low=0),
+                iter=v.integer(body, "iter", required=False),
+                fopt=v.number(body, "fopt"),
+                result_json=result_json,
+            )
         answer(resp, await submit(self.ctx, req, command))
 
     async def on_post_fail(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, task_id: str
     ) -> None:
         body = await v.json_body(req)
-        command = FailTask(
-            task_id=task_id,
-            spot_id=str(v.text(body, "spotId", max_len=64)),
-            fence=v.integer(body, "fenceToken", required=False, low=0),
-            error=str(v.text(body, "error", required=False, max_len=8192, default="")),
-            retriable=v.boolean(body, "retriable", default=True),
+        spot = str(v.text(body, "spotId", max_len=64))
+        fence = v.integer(body, "fenceToken", required=False, low=0)
+        error = str(v.text(body, "error", required=False, max_len=8192, default=""))
+        retriable = v.boolean(body, "retriable", default=True)
+        kind = FailWorkflowTask if task_id.startswith(WORKFLOW_TASK_PREFIX) else FailTask
+        answer(
+            resp,
+            await submit(self.ctx, req, kind(task_id, spot, fence, error, retriable)),
+            failing=True,
         )
-        answer(resp, await submit(self.ctx, req, command), failing=True)
+
+    async def on_post_renew(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, task_id: str
+    ) -> None:
+        """Extend a workflow task's lease; 409 once it is lost (another fence, or ended)."""
+        body = await v.json_body(req)
+        spot = str(v.text(body, "spotId", max_len=64))
+        fence = int(v.integer(body, "fenceToken", low=0) or 0)
+        if not task_id.startswith(WORKFLOW_TASK_PREFIX):
+            raise falcon.HTTPConflict(description="only a workflow task has a lease to renew")
+        answer(resp, await submit(self.ctx, req, RenewLease(task_id, spot, fence)))
+
+
+def _workflow_output(body: dict[str, Any], result_json: str | None) -> str:
+    """A workflow task's output: ``output`` (a JSON object) or seed 003's ``resultJson``."""
+    output = body.get("output")
+    if output is None and result_json is not None:
+        try:
+            output = orjson.loads(result_json)
+        except orjson.JSONDecodeError:
+            raise falcon.HTTPBadRequest(description="resultJson is not JSON") from None
+    if output is None:
+        output = {}
+    if not isinstance(output, dict):
+        raise falcon.HTTPBadRequest(description="output must be a JSON object")
+    text = orjson.dumps(output).decode()
+    if len(text) > MAX_RESULT_JSON:
+        raise falcon.HTTPBadRequest(description=f"output is above {MAX_RESULT_JSON} bytes")
+    return text
 
 
 class AuditEvents:

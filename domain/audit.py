@@ -84,6 +84,10 @@ class AuditLog:
         """The entity names an auditor may ask for (``job``, ``task``, ``spot``...)."""
         return tuple(self.views)
 
+    def load(self, uuid: UUID) -> Any:
+        """An aggregate as its stored events make it (None if there is none)."""
+        return self.source.load(uuid)
+
     def history(self, aggregate: str, entity_id: str) -> History | None:
         """Every event of the entity in order, or None if there is no such entity."""
         view = self.views.get(aggregate)

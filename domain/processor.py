@@ -90,11 +90,12 @@ class CommandProcessor:
         max_attempts: int = 3,
         heartbeat_store_interval: float = 5.0,
         families: Sequence[Family] | None = None,
+        lease_seconds: float = 30.0,
     ):
         from domain import registry
 
         self.store = store
-        self.config = Config(max_attempts, heartbeat_store_interval)
+        self.config = Config(max_attempts, heartbeat_store_interval, lease_seconds=lease_seconds)
         self.families = tuple(families if families is not None else registry.FAMILIES)
         self._states: dict[str, FamilyState] = {f.name: f.state(self.config) for f in self.families}
         self._handlers: dict[type, tuple[Family, Any, Phase]] = {

@@ -83,7 +83,10 @@ class Tadpole:
         s = self.settings
         if self.processor is None:
             self.processor = CommandProcessor(
-                StorePort(store), s.max_attempts, s.heartbeat_store_interval
+                StorePort(store),
+                s.max_attempts,
+                s.heartbeat_store_interval,
+                lease_seconds=s.lease_seconds,
             )
         processor = self.processor
         if self.writer is None:

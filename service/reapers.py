@@ -1,4 +1,5 @@
-"""TaskReaper and SpotReaper: periodic commands, run by one API process at a time."""
+"""TaskReaper, SpotReaper and the workflow timers: periodic commands, run by one API
+process at a time."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import psycopg
 
 from domain.jobs import ReapTasks
 from domain.spots import ReapSpots
+from domain.workflows import FireTimers
 from service.settings import Settings
 from service.writer import GroupCommitWriter
 from streaming.locks import reapers_lock
@@ -40,6 +42,7 @@ class Reapers:
                     self.settings.task_reaper_interval,
                 )
             ),
+            asyncio.create_task(self._loop(FireTimers(), self.settings.timer_interval)),
         ]
 
     async def _leader(self) -> bool:
@@ -53,7 +56,7 @@ class Reapers:
         row = await cur.fetchone()
         return bool(row and row[0])
 
-    async def _loop(self, command: ReapSpots | ReapTasks, interval: float) -> None:
+    async def _loop(self, command: ReapSpots | ReapTasks | FireTimers, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             try:

@@ -124,6 +124,18 @@ class Settings:
         "seconds a RUNNING task may go without its holder's heartbeat",
         FLOAT,
     )
+    lease_seconds: float = setting(
+        "TADPOLE_LEASE_SECONDS",
+        "30",
+        "seconds a workflow task's lease lasts unless renewed (seed 002: 30, renewed every 10)",
+        FLOAT,
+    )
+    timer_interval: float = setting(
+        "TADPOLE_TIMER_INTERVAL",
+        "0.25",
+        "seconds between checks for workflow leases and timeouts that ran out",
+        FLOAT,
+    )
     spot_reaper_interval: float = setting(
         "TADPOLE_SPOT_REAPER_INTERVAL", "5", "seconds between SpotReaper runs", FLOAT
     )

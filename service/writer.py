@@ -98,6 +98,9 @@ class GroupCommitWriter:
         self.commands = 0
         #: Commands of the batch being stored (0: none is).
         self.storing = 0
+        #: Set (and replaced) after every stored batch: long-polling claims wait on it.
+        self._stored = asyncio.Event()
+        self._changed = 0
 
     @property
     def ready(self) -> bool:
@@ -140,6 +143,17 @@ class GroupCommitWriter:
             return await future
         finally:
             watch.cancel()
+
+    def changes(self) -> int:
+        """Batches stored so far that stored events (one that changed nothing is not counted)."""
+        return self._changed
+
+    async def wait_for_change(self, seen: int, timeout: float) -> None:
+        """Return once more than ``seen`` batches changed something, or after ``timeout`` s."""
+        if self._changed > seen:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stored.wait(), timeout)
 
     def known_versions(self, uuids: Iterable[UUID]) -> dict[UUID, int]:
         found = {u: self.versions.get(u) for u in uuids}
@@ -296,6 +310,10 @@ class GroupCommitWriter:
             self.versions.put(uuid, version)
         self.batches += 1
         self.commands += len(batch)
+        if decided.events:  # it may have made work claimable: wake the waiting claims
+            self._changed += 1
+            self._stored.set()
+            self._stored = asyncio.Event()
         for (_, future, _), result in zip(batch, decided.results, strict=True):
             if not future.done():
                 future.set_result(result)

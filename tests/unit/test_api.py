@@ -8,6 +8,7 @@ writer through an ASGI conductor.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,6 +96,12 @@ class DirectWriter:
 
     def known_versions(self, uuids: Any) -> dict[UUID, int]:
         return self.processor.versions(uuids)
+
+    def changes(self) -> int:
+        return len(self.submitted)
+
+    async def wait_for_change(self, seen: int, timeout: float) -> None:
+        await asyncio.sleep(0)  # no other writer here: nothing can change meanwhile
 
 
 class FakeRedis:
