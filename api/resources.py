@@ -7,6 +7,7 @@ briefly for them to reach what this process wrote (read-your-writes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,6 +66,10 @@ class FastViews(Protocol):
     async def job(self, job_id: str) -> dict[str, Any] | None: ...
 
     async def counts(self) -> dict[str, int]: ...
+
+    async def workflow_runs(self) -> dict[str, int]:
+        """Workflow runs by state."""
+        ...
 
 
 class TableViews(Protocol):
@@ -213,6 +218,9 @@ class Health:
             "runningTasks": counts.get("RUNNING", 0),
             "redis": redis,
         }
+        if redis == CONNECTED:
+            with contextlib.suppress(Exception):  # a dashboard figure, not a health signal
+                body["workflowRuns"] = await ctx.redis.workflow_runs()
         if ctx.broker_up is not None:
             up = await asyncio.to_thread(ctx.broker_up)
             body["broker"] = "connected" if up else "down"

@@ -108,6 +108,11 @@ class RedisViews:
         raw: dict[str, str] = await self.client.hgetall(self.keys.counts)  # type: ignore[assignment]
         return {k: int(v) for k, v in raw.items()}
 
+    async def workflow_runs(self) -> dict[str, int]:
+        """Workflow runs by state (only states some run is in)."""
+        raw: dict[str, str] = await self.client.hgetall(self.keys.workflow_runs)  # type: ignore[assignment]
+        return {k: int(v) for k, v in raw.items() if int(v)}
+
 
 class PostgresViews:
     """Results and spots from the PostgreSQL read model."""

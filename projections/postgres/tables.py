@@ -18,12 +18,11 @@ from eventsourcing.persistence import InterfaceError as StoreInterfaceError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from psycopg import sql
 
-from domain import workflows
 from domain.ids import job_id, parse_job_id, spot_id, task_id
 from domain.jobs.sweeps import Sweep
-from domain.registry import event_type
 from domain.spots import DOWN, UP
 from projections.dispatch import Unhandled
+from projections.postgres import workflows as workflow_tables
 from projections.status import (
     DONE,
     FAILED,
@@ -164,9 +163,15 @@ class _Changes:
         self.spots: dict[str, dict[str, Any]] = {}
         #: job id → [completed delta, failed delta, time of the last change]
         self.job_counts: dict[str, list[Any]] = {}
+        #: Workflow statements, in event order (a low-rate family: no merging).
+        self.workflow: list[workflow_tables.Statement] = []
 
     def add(self, m: EventMessage) -> bool:
         """Add what ``m`` does; False (and nothing added) for a type with no handler."""
+        statements = workflow_tables.HANDLERS.get(m.type)
+        if statements is not None:
+            self.workflow.extend(statements(m))
+            return True
         handler = HANDLERS.get(m.type)
         if handler is None:
             return False
@@ -307,11 +312,9 @@ class PostgresReadModel:
     """Applies events to the tables in ``schema`` (sync psycopg; one projector process)."""
 
     name = "postgres"
-    #: The event types it shows, and those it leaves out on purpose (none).
-    HANDLED: frozenset[str] = frozenset(HANDLERS)
-    #: The workflows family's events: its read models (seed 002's tables, the run
-    #: counters) are not built yet (issue 12); until then they only advance versions.
-    NOT_SHOWN: frozenset[str] = frozenset(event_type(e) for e in workflows.FAMILY.events)
+    #: The event types it shows, and those it leaves out on purpose.
+    HANDLED: frozenset[str] = frozenset(HANDLERS) | frozenset(workflow_tables.HANDLERS)
+    NOT_SHOWN: frozenset[str] = workflow_tables.NOT_SHOWN
     #: The database, or the store it reads a job's sweep from, is away: not the event's fault.
     transient: tuple[type[BaseException], ...] = (
         psycopg.OperationalError,
@@ -377,6 +380,7 @@ class PostgresReadModel:
         with self.conn.transaction():
             self.conn.execute(*READ_SCHEMA_LOCK.xact_lock())
             self.conn.execute(self.q(DDL))
+            self.conn.execute(self.q(workflow_tables.DDL))
 
     def reset(self) -> None:
         with self.conn.transaction():
@@ -453,6 +457,8 @@ class PostgresReadModel:
         return gaps
 
     def _write(self, cur: psycopg.Cursor[Any], c: _Changes) -> None:
+        for statement, params in c.workflow:
+            cur.execute(self.q(statement), params)
         if c.jobs:
             cur.executemany(
                 self.q(
@@ -524,9 +530,18 @@ class PostgresReadModel:
         """Every row of the read-model tables, sorted: two equal dumps are equal read models."""
         out: dict[str, list[tuple[Any, ...]]] = {}
         with self.conn.transaction():
-            for table in ("jobs", "tasks", "spots"):
+            for table, key in (
+                ("jobs", "id"),
+                ("tasks", "id"),
+                ("spots", "id"),
+                ("workflow_definitions", "namespace, workflow_name, version"),
+                ("workflow_instances", "instance_id"),
+                ("task_executions", "execution_id"),
+                ("execution_leases", "lease_key"),
+                ("events", "event_id"),
+            ):
                 rows = self.conn.execute(
-                    self.q("SELECT * FROM {schema}." + table + " ORDER BY id")
+                    self.q(f"SELECT * FROM {{schema}}.{table} ORDER BY {key}")
                 ).fetchall()
                 out[table] = [tuple(r) for r in rows]
         return out

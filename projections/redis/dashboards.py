@@ -59,6 +59,8 @@ class RedisKeys:
         self.applied = f"{prefix}:applied"
         self.meta = f"{prefix}:meta"
         self.counts = f"{prefix}:counts"
+        #: Workflow runs by state (RUNNING, PAUSED, COMPLETED...).
+        self.workflow_runs = f"{prefix}:workflow_runs"
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -149,6 +151,23 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
+def _run_started(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    return [("HINCRBY", keys.workflow_runs, "RUNNING", 1)]
+
+
+def _run_state_changed(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    """A run moved between states: the runs-by-state counters follow."""
+    d = m.data
+    return [
+        ("HINCRBY", keys.workflow_runs, d["previous"], -1),
+        ("HINCRBY", keys.workflow_runs, d["state"], 1),
+    ]
+
+
+HANDLERS["WorkflowRun.Started"] = _run_started
+HANDLERS["WorkflowRun.StateChanged"] = _run_state_changed
+
+
 def ops_for(keys: RedisKeys, m: EventMessage) -> list[Op] | None:
     """The changes one event makes to the dashboards; None for a type with no handler."""
     handler = HANDLERS.get(m.type)
@@ -220,9 +239,10 @@ class RedisReadModel:
     name = "redis"
     #: The event types it shows, and those it leaves out on purpose (none).
     HANDLED: frozenset[str] = frozenset(HANDLERS)
-    #: The workflows family's events: its read models (seed 002's tables, the run
-    #: counters) are not built yet (issue 12); until then they only advance versions.
-    NOT_SHOWN: frozenset[str] = frozenset(event_type(e) for e in workflows.FAMILY.events)
+    #: Workflow events that move no dashboard counter.
+    NOT_SHOWN: frozenset[str] = frozenset(
+        event_type(e) for e in workflows.FAMILY.events
+    ) - frozenset(HANDLERS)
     #: Unreachable, loading, read-only (a replica) or out of memory: not the event's fault.
     transient: tuple[type[BaseException], ...] = (
         redis.ConnectionError,

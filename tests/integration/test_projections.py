@@ -46,6 +46,16 @@ from domain.spots import (
     ReapSpots,
     SpotRegistered,
 )
+from domain.workflows import (
+    CancelRun,
+    CompleteWorkflowTask,
+    Definition,
+    FailWorkflowTask,
+    RegisterWorkflow,
+    RenewLease,
+    RunStarted,
+    StartRun,
+)
 from eventstore.store import StorePort, TadpoleStore
 from projections.postgres.tables import PostgresReadModel
 from projections.redis.dashboards import LagSamples, RedisReadModel
@@ -125,6 +135,35 @@ class Writer:
         self.run([Heartbeat(a), Heartbeat(b)], advance=20)
         self.run([ReapSpots(10.0)])  # c is silent: DOWN, its tasks reaped
         self.heartbeats([c])  # and back UP
+        self.workflows(a)
+
+    def workflows(self, spot: str) -> None:
+        """Workflow runs: one completed after a failed attempt and a renewal, one cancelled."""
+        self.run([RegisterWorkflow(WORKFLOW)])
+        (done,) = self.run([StartRun("it", "chain", uuid4().hex, '{"n": 1}')])
+        self.run([Heartbeat(spot)])
+        (a,) = self.claim(spot, 1)
+        self.run([FailWorkflowTask(a.task_id, spot, a.fence, "flaky", True)])
+        self.run([Heartbeat(spot)], advance=2)  # past the backoff
+        (a,) = self.claim(spot, 1)
+        self.run([RenewLease(a.task_id, spot, a.fence)])
+        self.run([CompleteWorkflowTask(a.task_id, spot, a.fence, '{"ok": true}')])
+        (b,) = self.claim(spot, 1)
+        self.run([CompleteWorkflowTask(b.task_id, spot, b.fence, "{}")])
+        (cancelled,) = self.run([StartRun("it", "chain", uuid4().hex, "{}")])
+        assert len(self.claim(spot, 1)) == 1
+        self.run([CancelRun(cancelled.instance_id)])
+        assert isinstance(done, RunStarted)
+
+
+WORKFLOW = Definition.from_dict(
+    {
+        "namespace": "it",
+        "name": "chain",
+        "version": "1",
+        "tasks": [{"id": "a"}, {"id": "b", "dependsOn": ["a"]}],
+    }
+)
 
 
 class WatchedProjector(Projector):
@@ -387,7 +426,17 @@ def test_read_models_fed_through_kafka_equal_a_rebuild_from_the_store(env: Env) 
     assert len(postgres_rows["jobs"]) == 4 and len(postgres_rows["spots"]) == 10
     assert {row[1] for row in postgres_rows["jobs"]} == {"DONE", "RUNNING"}
     assert any(":job:" in key for key in redis_keys) and ":counts" in redis_keys
-    others = [k for k in redis_keys if not k.startswith((":job:", ":spot:", ":counts", ":applied"))]
+    # Seed 002's tables: four runs (two per scenario), their attempts, leases and events.
+    states = sorted(row[5] for row in postgres_rows["workflow_instances"])
+    assert states == ["CANCELLED", "CANCELLED", "COMPLETED", "COMPLETED"]
+    assert {row[5] for row in postgres_rows["task_executions"]} >= {"COMPLETED", "FAILED"}
+    assert len(postgres_rows["events"]) > 10 and postgres_rows["execution_leases"]
+    assert redis_keys[":workflow_runs"] == {"RUNNING": "0", "COMPLETED": "2", "CANCELLED": "2"}
+    others = [
+        k
+        for k in redis_keys
+        if not k.startswith((":job:", ":spot:", ":counts", ":applied", ":workflow_runs"))
+    ]
     assert not others, f"Redis keys no dashboard reads: {others}"
     assert env.dumps() == expected  # and it stays so
 

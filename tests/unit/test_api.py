@@ -128,6 +128,9 @@ class FakeRedis:
     async def counts(self) -> dict[str, int]:
         return dict(self.count_values)
 
+    async def workflow_runs(self) -> dict[str, int]:
+        return {}
+
 
 def job_view(processor: CommandProcessor, public_id: str) -> dict[str, Any] | None:
     """A job as both read models show it, from the processor's state."""
@@ -534,6 +537,7 @@ def test_health_reports_counts(api: Api) -> None:
         "pendingTasks": 42,
         "runningTasks": 12,
         "redis": "connected",
+        "workflowRuns": {},
     }
 
 
