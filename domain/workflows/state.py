@@ -48,7 +48,7 @@ from domain.workflows.commands import (
 )
 from domain.workflows.definition import WorkflowDefinition
 from domain.workflows.ids import definition_uuid, parse_workflow_task_id, run_uuid, workflow_task_id
-from domain.workflows.run import RUNNING, RunError, RunNotFound, WorkflowRun
+from domain.workflows.run import READY, RUNNING, RunError, RunNotFound, WorkflowRun
 
 
 class OpenRuns:
@@ -57,27 +57,41 @@ class OpenRuns:
     def __init__(self, config: Config):
         self.lease_seconds = config.lease_seconds
         self.runs: dict[UUID, WorkflowRun] = {}
+        #: Open runs with a READY task, and with a RUNNING one: what claims and timers
+        #: look at, so that neither walks every open run.
+        self.ready: dict[UUID, None] = {}
+        self.running: dict[UUID, None] = {}
         self.recent: Recent[UUID, WorkflowRun | WorkflowDefinition] = Recent(config.recent)
         #: Chooses the jitter of a retry's backoff (a parameter for tests).
         self.jitter: Callable[[], float] = random.random
 
     def recover(self, load: Loader, open_ids: Iterable[UUID], now: datetime) -> None:
-        self.runs.clear()
+        for kept in (self.runs, self.ready, self.running):
+            kept.clear()
         self.recent.clear()
         for uuid in open_ids:
             run = load(uuid, WorkflowRun)
-            if run is not None and not run.is_final:
-                self.runs[uuid] = run
+            if run is not None:
+                self.keep(run)
 
     def held(self, uuid: UUID) -> WorkflowRun | WorkflowDefinition | None:
         return self.runs.get(uuid) or self.recent.get(uuid)
 
     def keep(self, aggregate: object) -> None:
         if isinstance(aggregate, WorkflowRun) and not aggregate.is_final:
-            self.runs[aggregate.id] = aggregate
-            self.recent.pop(aggregate.id)
+            uuid = aggregate.id
+            self.runs[uuid] = aggregate
+            self.recent.pop(uuid)
+            statuses = {t.status for t in aggregate.tasks.values()}
+            for index, status in ((self.ready, READY), (self.running, RUNNING)):
+                if status in statuses:
+                    index[uuid] = None
+                else:
+                    index.pop(uuid, None)
         elif isinstance(aggregate, WorkflowRun | WorkflowDefinition):
             self.runs.pop(aggregate.id, None)
+            self.ready.pop(aggregate.id, None)
+            self.running.pop(aggregate.id, None)
             self.recent.put(aggregate.id, aggregate)
 
     def begin(self, uow: UnitOfWork) -> WorkflowsWork:
@@ -206,10 +220,17 @@ class WorkflowsWork:
             ),
         )
 
+    def _runs(self, index: dict[UUID, None]) -> list[WorkflowRun]:
+        """The runs of this batch, then those of ``index`` (each once, the batch's version)."""
+        touched = [a for a in self.uow.touched.values() if isinstance(a, WorkflowRun)]
+        seen = {run.id for run in touched}
+        held = [self.state.runs[u] for u in index if u not in seen and u in self.state.runs]
+        return [run for run in touched if not run.is_final] + held
+
     def fire_timers(self, c: FireTimers) -> Result:
         fired: list[str] = []
         ts = self.uow.ts
-        for run in list(self.state.runs.values()):
+        for run in self._runs(self.state.running):
             for task, reason in run.due(ts):
                 run.expire(task.id, reason, self.state.jitter(), self.uow.now)
                 self.uow.add(run)
@@ -219,7 +240,7 @@ class WorkflowsWork:
     def release(self, due: HolderDue, reason: str) -> list[str]:
         """Attempts held by spots that are gone fail now (and are retried), not at lease end."""
         released: list[str] = []
-        for run in list(self.state.runs.values()):
+        for run in self._runs(self.state.running):
             for task in list(run.tasks.values()):
                 if task.status == RUNNING and task.holder is not None and due(task.holder, 0.0):
                     run.expire(task.id, reason, self.state.jitter(), self.uow.now)
@@ -228,10 +249,11 @@ class WorkflowsWork:
         return released
 
     def offer(self, holder: str, n: int) -> list[ClaimedTask]:
-        """Up to ``n`` claimable tasks of open runs, oldest run first."""
+        """Up to ``n`` claimable tasks: those this batch made ready first (the next step
+        of a chain goes out in the batch that completed the last), then the oldest."""
         claimed: list[ClaimedTask] = []
         ts = self.uow.ts
-        for run in list(self.state.runs.values()):
+        for run in self._runs(self.state.ready):
             for task in run.claimable(ts):
                 fence = run.claim(task.id, holder, self.state.lease_seconds, self.uow.now)
                 self.uow.add(run)

@@ -351,3 +351,21 @@ def test_open_runs_are_recovered_from_the_index_of_open_work() -> None:
     processor = world.restart()
     assert list(processor.state(OpenRuns).runs) == [running]
     assert done not in processor.state(OpenRuns).runs
+
+
+def test_the_next_step_goes_out_in_the_batch_that_completed_the_last() -> None:
+    world = World()
+    spot, waiting = world.spot(), world.spot()
+    run = world.run()
+    (first,) = world.claim(spot)
+    done, claimed = world.processor.process(
+        [
+            CompleteWorkflowTask(first.task_id, spot, first.fence, "{}"),
+            ClaimTasks(waiting, 1),
+        ],
+        T0,
+    )
+    assert done == TaskReported()
+    assert isinstance(claimed, Claimed) and claimed.tasks[0].task_id.endswith("-provision")
+    runs = world.processor.state(OpenRuns)
+    assert run in runs.running and run not in runs.ready  # provision RUNNING, deploy PENDING
