@@ -1,0 +1,1 @@
+"""Examples a reference worker can run (see docs/workflows.md)."""
