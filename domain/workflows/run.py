@@ -383,7 +383,7 @@ class WorkflowRun(Aggregate):
     def compensate(self, from_task: str, at: datetime) -> None:
         if from_task not in self.spec.by_id:
             raise RunNotFound(f"the workflow has no task {from_task!r}")
-        if self.state not in (RUNNING, PAUSED, FAILED):
+        if self.state not in (RUNNING, PAUSED, FAILED, COMPLETED):
             raise RunError(f"a {self.state} run cannot be compensated")
         start = self.tasks[from_task]
         if start.status != DONE:
@@ -454,7 +454,7 @@ class WorkflowRun(Aggregate):
         for t in self.tasks.values():
             if not t.is_compensation and t.status in (PENDING, READY, RUNNING):
                 t.status, t.holder, t.lease_expires, t.deadline = SKIPPED, None, None, None
-        self.state = COMPENSATING
+        self.state, self.ended_at = COMPENSATING, None
         self._next_compensation(None)
 
     def _next_compensation(self, at: datetime | None) -> None:

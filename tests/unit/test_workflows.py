@@ -272,7 +272,13 @@ def test_compensation_runs_in_reverse_completion_order() -> None:
         (task,) = world.claim(spot)
         world.complete(task, spot)
     assert world.stored(run).state == "COMPLETED"
-    assert isinstance(world.one(CompensateRun(run, "deploy")), ConflictError)  # a completed run
+    assert world.one(CompensateRun(run, "deploy")) == Ok()  # a completed run is undone too
+    undone = []
+    while claimed := world.claim(spot):
+        undone.append(claimed[0].task_id.rsplit("-", 1)[-1])
+        world.complete(claimed[0], spot)
+    assert undone == ["deploy~compensate", "provision~compensate", "reserve~compensate"]
+    assert isinstance(world.one(CompensateRun(run, "deploy")), ConflictError)  # COMPENSATED
     run2 = world.run(run_id="r2")
     for _ in range(2):
         (task,) = world.claim(spot)
