@@ -19,9 +19,9 @@ import importlib
 import inspect
 import math
 import os
+import re
 import shlex
 import signal
-import string
 import threading
 import time
 import traceback
@@ -100,47 +100,44 @@ class TaskContext:
 # ---- job tasks: the command line, and the result read from its output ---------------------
 
 
+#: ``{name}`` is a placeholder; ``{{name}}`` a literal ``{name}``; other braces are left alone.
+PLACEHOLDER = re.compile(r"\{\{([A-Za-z_]\w*)\}\}|\{([A-Za-z_]\w*)\}")
+
+
 def template_fields(template: str) -> set[str]:
-    """The placeholder names of a job command; ``TaskError`` if it is not a usable template."""
+    """The placeholder names of a job command; ``TaskError`` if it cannot be split into words."""
     try:
         tokens = shlex.split(template)
     except ValueError as error:
         raise TaskError(f"the job command cannot be split into words: {error}") from None
     if not tokens:
         raise TaskError("the job command is empty")
-    names: set[str] = set()
-    for token in tokens:
-        try:
-            parsed = list(string.Formatter().parse(token))
-        except ValueError as error:
-            raise TaskError(f"the job command's word {token!r} is malformed: {error}") from None
-        for _, name, _, _ in parsed:
-            if name is not None:
-                if not name or name.isdigit():
-                    raise TaskError(f"the job command's word {token!r} needs a name in its {{}}")
-                names.add(name)
-    return names
+    return {m[2] for token in tokens for m in PLACEHOLDER.finditer(token) if m[2]}
 
 
 def job_argv(template: str, payload: Mapping[str, Any]) -> list[str]:
     """The argv of a job task: ``template`` split like a shell would, then each word's
     ``{name}`` replaced by the payload's field of that name (``{payload}``: all of it as
-    JSON). A value stays one word whatever it holds: no shell ever sees it."""
-    template_fields(template)
-    values = {name: _word(value) for name, value in payload.items()}
+    JSON). A value stays one word whatever it holds: no shell ever sees it. Braces
+    around anything but a name (a dict in an inline script) are left as they are."""
+    names = template_fields(template)
+    values = {name: word(value) for name, value in payload.items()}
     values.setdefault("payload", orjson.dumps(dict(payload)).decode())
-    try:
-        return [token.format_map(values) for token in shlex.split(template)]
-    except KeyError as missing:
+    missing = sorted(names - set(values))
+    if missing:
         raise TaskError(
-            f"the job command names {{{missing.args[0]}}}, which the task's payload lacks "
-            f"(it has {', '.join(sorted(payload)) or 'nothing'})"
-        ) from None
-    except (ValueError, IndexError, AttributeError) as error:
-        raise TaskError(f"the job command cannot be filled in: {error}") from None
+            f"the job command names {', '.join('{' + m + '}' for m in missing)}, which the "
+            f"task's payload lacks (it has {', '.join(sorted(payload)) or 'nothing'})"
+        )
+
+    def fill(match: re.Match[str]) -> str:
+        return "{" + match[1] + "}" if match[1] else values[match[2]]
+
+    return [PLACEHOLDER.sub(fill, token) for token in shlex.split(template)]
 
 
-def _word(value: Any) -> str:
+def word(value: Any) -> str:
+    """A value as one word of a command line: text as it is, anything else as JSON."""
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
