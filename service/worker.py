@@ -92,8 +92,9 @@ A workflow task runs what its payload in the workflow definition names:
             server = given["tasks"]["provision"]["server"]
             return {"deployed": server, "attempt": task.attempt}
 
-While a workflow task runs, its lease is renewed every --renew-every seconds.
-If the API says the lease is lost (the run was cancelled or the lease expired),
+While a workflow task runs, its lease is renewed: first within a second (the
+answer tells the worker how long the API's lease is), then every third of that
+lease, or every --renew-every seconds if that is sooner. If the API says the lease is lost (the run was cancelled or the lease expired),
 the worker stops that task's work and reports nothing: a command is stopped
 (SIGTERM to its process group, SIGKILL 3 s later), an async function is
 cancelled, a plain function (it runs in a thread) sees task.stopping set.
@@ -105,6 +106,11 @@ gives them back at once.
 """
 
 _UNAUTHORISED = "the API answered 401: it wants the agent key (--key or TADPOLE_AGENT_KEY)"
+
+#: The first renewal of a lease comes within this many seconds (it tells the lease's length).
+FIRST_RENEWAL = 1.0
+#: How long a task given back at shutdown is reported while the API is unreachable (s).
+GIVE_BACK_PATIENCE = 10.0
 
 #: The longest long poll the API allows (``Claims.MAX_WAIT_MS``).
 MAX_WAIT_MS = 30_000
@@ -168,8 +174,9 @@ class Held:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, client: httpx.AsyncClient):
+    def __init__(self, config: WorkerConfig, client: httpx.AsyncClient, *, signals: bool = True):
         self.config = config
+        self.signals = signals
         self.client = client
         self.ip = config.ip_address or local_address(config.url)
         self.spot = ""
@@ -178,28 +185,32 @@ class Worker:
         self.hurry = asyncio.Event()
         self.slot_freed = asyncio.Event()
         self._registering = asyncio.Lock()
+        self.refused = False
 
     # ---- the life of a worker ------------------------------------------------------------
 
     async def run(self) -> int:
         """Work until stopped; 0 after a stop, 2 when the API refuses the worker's key."""
-        self._handle_signals()
-        code = 0
+        if self.signals:
+            self._handle_signals()
         beating: asyncio.Task[None] | None = None
         try:
             if await self._hello():
                 beating = asyncio.ensure_future(self._heartbeats())
                 await self._claims()
         except FatalError as error:
-            log.error("%s", error)
-            code = 2
-            self.stopping.set()
-            self.hurry.set()
+            self._fatal(error)
         await self._drain()  # heartbeats go on meanwhile: the spot stays UP
         if beating is not None:
             beating.cancel()
         log.info("stopped")
-        return code
+        return 2 if self.refused else 0
+
+    def _fatal(self, error: FatalError) -> None:
+        log.error("%s", error)
+        self.refused = True
+        self.stopping.set()
+        self.hurry.set()
 
     def stop(self) -> None:
         """First call: claim nothing more and drain. Second: give back at once."""
@@ -236,12 +247,17 @@ class Worker:
             return
         log.info("giving back %d task(s) still running", len(left))
         for held in left:
-            held.given_back = True
-            if held.context is not None:
-                held.context.stopping.set()
-            if held.work is not None:
-                held.work.cancel()
+            self._give_up(held, lost=False)
         await asyncio.wait([h.runner for h in left if h.runner is not None])
+
+    def _give_up(self, held: Held, *, lost: bool) -> None:
+        """Stop ``held``'s work: its lease is ``lost`` (report nothing), or it is given back."""
+        held.lost = held.lost or lost
+        held.given_back = not held.lost
+        if held.context is not None:
+            held.context.stopping.set()
+        if held.work is not None:
+            held.work.cancel()
 
     # ---- registration and heartbeats ----------------------------------------------------
 
@@ -281,7 +297,11 @@ class Worker:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_every)
-            await self._beat()
+            try:
+                await self._beat()
+            except FatalError as error:  # registering again was refused
+                self._fatal(error)
+                return
 
     async def _beat(self) -> None:
         spot = self.spot
@@ -350,6 +370,10 @@ class Worker:
         except orjson.JSONDecodeError:
             payload = None
         held = Held(task_id, fence, spot, payload if isinstance(payload, dict) else {})
+        stale = self.held.get(task_id)
+        if stale is not None:  # its lease ran out and came back to us: the old run is void
+            log.warning("%s came back with fence %s: stopping its older run", task_id, fence)
+            self._give_up(stale, lost=True)
         self.held[task_id] = held
         held.runner = asyncio.ensure_future(self._hold(held, payload_ok=isinstance(payload, dict)))
         held.runner.add_done_callback(lambda _: self._release(held))
@@ -458,13 +482,17 @@ class Worker:
     async def _renew(self, held: Held) -> None:
         """Extend the lease every ``renew_every`` s; once the API says it is lost, stop the work.
 
-        The lease's length is the API's (TADPOLE_LEASE_SECONDS): a renewal's answer
-        says when the lease now ends, and the worker renews at least every third of that.
+        The lease's length is the API's (TADPOLE_LEASE_SECONDS), which the worker's
+        own setting may not match: the first renewal comes within :data:`FIRST_RENEWAL`
+        s (a task that ends sooner is never renewed), and its answer says when the lease
+        now ends; from then on the worker renews at least every third of that.
         """
         every = self.config.renew_every
         path = f"/internal/v1/tasks/{quote(held.id, safe='~')}/renew"
+        pause = min(every, FIRST_RENEWAL)
         while True:
-            await asyncio.sleep(every)
+            await asyncio.sleep(pause)
+            pause = every
             body = {"spotId": held.spot, "fenceToken": held.fence}
             try:
                 status, answer = await self._post(path, body)
@@ -472,14 +500,10 @@ class Worker:
                 log.warning("renew of %s: the API cannot be reached (%s)", held.id, error)
                 continue
             if status == 200:
-                every = min(every, _third_of_lease(answer.get("leaseExpiresAt"), every))
+                every = pause = min(every, _third_of_lease(answer.get("leaseExpiresAt"), every))
             elif status in (404, 409):
-                held.lost = True
                 log.warning("renew of %s answered %d: %s", held.id, status, answer.get("error"))
-                if held.context is not None:
-                    held.context.stopping.set()
-                if held.work is not None:
-                    held.work.cancel()
+                self._give_up(held, lost=True)
                 return
             else:
                 log.warning("renew of %s answered %d: %s", held.id, status, answer.get("error"))
@@ -494,7 +518,8 @@ class Worker:
             body.update(error=outcome.error[:8000], retriable=outcome.retriable)
         path = f"/internal/v1/tasks/{quote(held.id, safe='~')}/{verb}"
         backoff = Backoff()
-        deadline = asyncio.get_running_loop().time() + self.config.report_patience
+        patience = GIVE_BACK_PATIENCE if held.given_back else self.config.report_patience
+        deadline = asyncio.get_running_loop().time() + patience
         while True:
             try:
                 status, answer = await self._post(path, body)
