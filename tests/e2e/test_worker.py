@@ -285,8 +285,9 @@ def test_renewals_keep_a_long_task_and_a_lost_lease_stops_the_work(
             }
         ],
     )
-    worker = start_worker(stack)
-    # Four seconds is two leases: only renewals keep it.
+    # The worker's own setting says 30 s (renew every 10 s); the API's lease is 2 s.
+    worker = start_worker(stack, env={"TADPOLE_LEASE_SECONDS": "30"})
+    # Four seconds is two of the API's leases: only renewals keep it, as often as it needs.
     long = start_run(stack, "sleepy", "long", {"seconds": 4})
     wait_for(lambda: state_is(stack, long, "COMPLETED", "FAILED"), 60, "the long task")
     run = run_of(stack, long)
