@@ -618,19 +618,26 @@ def local_address(url: str) -> str:
         return "127.0.0.1"
 
 
-async def serve(config: WorkerConfig) -> int:
+def make_client(
+    config: WorkerConfig, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """The worker's HTTP client: keep-alive connections to ``config.url``, with the key."""
     import httpx
 
     headers = {"Content-Type": "application/json"}
     if config.key:
         headers["X-Orhestra-Key"] = config.key
-    limits = httpx.Limits(
-        max_connections=config.concurrency * 2 + 4,
-        max_keepalive_connections=config.concurrency * 2 + 4,
+    connections = config.concurrency * 2 + 4  # a claim, a heartbeat, a renewal and a report each
+    return httpx.AsyncClient(
+        base_url=config.url.rstrip("/"),
+        headers=headers,
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        transport=transport,
     )
-    async with httpx.AsyncClient(
-        base_url=config.url.rstrip("/"), headers=headers, limits=limits
-    ) as client:
+
+
+async def serve(config: WorkerConfig) -> int:
+    async with make_client(config) as client:
         return await Worker(config, client).run()
 
 

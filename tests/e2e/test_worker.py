@@ -133,6 +133,7 @@ def test_two_workers_run_workflows_of_callables_and_commands_and_a_job(
     make_stack: Any, start_worker: Any
 ) -> None:
     stack: Stack = make_stack()
+    stack.env["TADPOLE_AGENT_KEY"] = "worker-secret"
     stack.start()
     register(
         stack,
@@ -144,9 +145,21 @@ def test_two_workers_run_workflows_of_callables_and_commands_and_a_job(
         ],
     )
     job_command = f"{sys.executable} -c {json.dumps(JOB_SCRIPT)} {{alg}} {{iterations}} {{agents}}"
+    # One worker is given the key on its command line, the other has it in its environment.
     workers = [
-        start_worker(stack, "--concurrency", "2", "--job-command", job_command) for _ in range(2)
+        start_worker(
+            stack,
+            "--concurrency",
+            "2",
+            "--job-command",
+            job_command,
+            *(["--key", "worker-secret"] if n == 0 else []),
+            env={"TADPOLE_AGENT_KEY": ""} if n == 0 else None,
+        )
+        for n in range(2)
     ]
+    status, _ = http("POST", stack.base + "/internal/v1/hello", {"ipAddress": "10.9.9.9"})
+    assert status == 401  # the key is needed indeed
     instances = {n: start_run(stack, "chain", f"run-{n}", {"start": n}) for n in range(8)}
     for instance in instances.values():
         wait_for(lambda i=instance: state_is(stack, i, "COMPLETED", "FAILED"), 60, "the runs")

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
-from service.worker import Worker, WorkerConfig
+from service.worker import Worker, WorkerConfig, make_client
 
 HERE = "tests.unit.test_worker_protocol"
 
@@ -45,6 +45,7 @@ class FakeApi:
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.answers: dict[str, list[int]] = {}
         self.spots = 0
+        self.keys: set[str | None] = set()
         self.changed = asyncio.Event()
 
     def seen(self, suffix: str) -> list[dict[str, Any]]:
@@ -54,6 +55,7 @@ class FakeApi:
         path = request.url.path
         body = orjson.loads(request.content or b"{}")
         self.requests.append((path, body))
+        self.keys.add(request.headers.get("X-Orhestra-Key"))
         self.changed.set()
         forced = self.answers.get(path.rsplit("/", 1)[-1])
         if forced:
@@ -85,8 +87,8 @@ class FakeApi:
 
 def worker(api: FakeApi, **config: Any) -> Worker:
     settings = {"heartbeat_every": 0.02, "renew_every": 0.05, "grace": 5.0, **config}
-    client = httpx.AsyncClient(base_url="http://api", transport=httpx.MockTransport(api.handle))
-    return Worker(WorkerConfig(url="http://api", **settings), client, signals=False)
+    config = WorkerConfig(url="http://api", **settings)
+    return Worker(config, make_client(config, httpx.MockTransport(api.handle)), signals=False)
 
 
 async def test_a_claimed_callable_task_is_completed_with_its_output() -> None:
@@ -100,6 +102,7 @@ async def test_a_claimed_callable_task_is_completed_with_its_output() -> None:
     hello = api.requests[0]
     assert hello[0] == "/internal/v1/hello" and "ipAddress" in hello[1]
     assert api.seen("/claim")[0] == {"spotId": "spot-1", "maxTasks": 1, "waitMs": 30000}
+    assert api.keys == {"k"}  # on every request
 
 
 async def test_a_heartbeat_answered_404_registers_again_and_claims_as_the_new_spot() -> None:
@@ -148,8 +151,8 @@ async def test_connection_errors_are_waited_out_with_growing_pauses() -> None:
             raise httpx.ConnectError("refused")
         return await api.handle(request)
 
-    client = httpx.AsyncClient(base_url="http://api", transport=httpx.MockTransport(flaky))
-    w = Worker(WorkerConfig(url="http://api", heartbeat_every=0.02), client, signals=False)
+    config = WorkerConfig(url="http://api", heartbeat_every=0.02)
+    w = Worker(config, make_client(config, httpx.MockTransport(flaky)), signals=False)
     running = asyncio.ensure_future(w.run())
     await api.until(lambda: api.seen("/complete"))
     w.stop()
