@@ -313,7 +313,7 @@ def test_renewals_keep_a_long_task_and_a_lost_lease_stops_the_work(
     pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 30, "the command"))
     assert http("POST", f"{stack.base}/api/v1/workflow-runs/{forever}/cancel", {})[0] == 200
     wait_for(lambda: not alive(pid), 15, "the worker to stop the command")
-    assert "lease is lost" in worker.text()
+    wait_for(lambda: "lease is lost" in worker.text(), 10, "the worker to say why")
     assert state_is(stack, forever, "CANCELLED")
 
     # The worker goes on: the API forgets it (a fresh store on the same port); it
