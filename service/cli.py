@@ -57,6 +57,49 @@ def _dead_letters(args: argparse.Namespace) -> int:
     return list_letters(settings, args.stage, args.all, args.json)
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from service.execution import JOB_FIELDS, TaskError, template_fields
+    from service.worker import MAX_WAIT_MS, WorkerConfig, run_worker
+
+    settings = _settings(args)
+    try:
+        unknown = template_fields(args.job_command) - set(JOB_FIELDS)
+    except TaskError as error:
+        sys.exit(f"tadpole worker: --job-command: {error}")
+    if unknown:
+        print(
+            f"tadpole worker: note: --job-command names {', '.join(sorted(unknown))}, which "
+            "seed 003 job payloads do not have; such tasks will fail",
+            file=sys.stderr,
+        )
+    config = WorkerConfig(
+        url=args.url,
+        key=args.key if args.key is not None else settings.agent_key,
+        concurrency=args.concurrency,
+        job_command=args.job_command,
+        renew_every=args.renew_every or settings.lease_seconds / 3,
+        grace=args.grace,
+        heartbeat_every=args.heartbeat_every,
+        wait_ms=min(max(args.wait_ms, 0), MAX_WAIT_MS),
+        ip_address=args.ip,
+    )
+    return run_worker(config, settings.log_level, args.path)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be greater than zero")
+    return value
+
+
 def _schemas(args: argparse.Namespace) -> int:
     from schemas.events import rendered_schemas, write_schemas
 
@@ -134,6 +177,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds retry waits for the steps to re-apply the letters (default 30)",
     )
     letters.set_defaults(run=_dead_letters)
+
+    from service.execution import DEFAULT_JOB_COMMAND
+    from service.worker import HELP
+
+    worker = sub.add_parser(
+        "worker",
+        help="run tasks for a Tadpole API (the reference worker a worker node runs)",
+        description=HELP,
+        epilog="settings from the environment: TADPOLE_AGENT_KEY (or ORHESTRA_AGENT_KEY), "
+        "TADPOLE_LEASE_SECONDS (the API's lease, to renew every third of it), "
+        "TADPOLE_LOG_LEVEL",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    worker.add_argument("--url", required=True, help="the API, e.g. http://127.0.0.1:8080")
+    worker.add_argument(
+        "--key", help="the agent key, sent as X-Orhestra-Key (default: TADPOLE_AGENT_KEY)"
+    )
+    worker.add_argument(
+        "--concurrency", type=_positive_int, default=1, help="tasks run at once (default 1)"
+    )
+    worker.add_argument(
+        "--job-command",
+        default=DEFAULT_JOB_COMMAND,
+        help="the command line of a job task, {placeholders} from its payload "
+        f"(default: {DEFAULT_JOB_COMMAND!r})",
+    )
+    worker.add_argument(
+        "--renew-every",
+        type=_positive_float,
+        help="seconds between renewals of a workflow task's lease "
+        "(default: a third of TADPOLE_LEASE_SECONDS, 10)",
+    )
+    worker.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds running tasks get to finish after SIGTERM (default 30)",
+    )
+    worker.add_argument(
+        "--heartbeat-every",
+        type=_positive_float,
+        default=3.0,
+        help="seconds between heartbeats (default 3; the API marks a spot DOWN after "
+        "TADPOLE_SPOT_TIMEOUT, 10, without one)",
+    )
+    worker.add_argument(
+        "--wait-ms",
+        type=int,
+        default=30_000,
+        help="how long a claim waits for a task, in ms (default and most: 30000)",
+    )
+    worker.add_argument(
+        "--ip", help="the address reported to the API (default: the one that reaches --url)"
+    )
+    worker.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory to import task callables from (repeatable; the current one always)",
+    )
+    worker.set_defaults(run=_worker)
 
     schemas = add("schemas", "print the Avro schemas of every event, or write schemas/avro/")
     schemas.add_argument("--write", action="store_true", help="write schemas/avro/*.avsc")
