@@ -396,18 +396,46 @@ class Claims:
         wait_ms = int(
             v.integer(body, "waitMs", required=False, low=0, high=self.MAX_WAIT_MS, default=0) or 0
         )
+        if not wait_ms:
+            answer(resp, await submit(self.ctx, req, ClaimTasks(spot, max_tasks)))
+            return
+        # One watcher of the client for the whole long poll (two readers of the ASGI
+        # receive could not both see the disconnect): a client that hung up while it
+        # waited is never handed a task it will not get.
+        gone = asyncio.ensure_future(_disconnected(req)())
+        try:
+            result = await self._long_poll(spot, max_tasks, wait_ms, gone)
+        finally:
+            gone.cancel()
+        answer(resp, result)
+
+    async def _long_poll(
+        self, spot: str, max_tasks: int, wait_ms: int, gone: asyncio.Future[object]
+    ) -> Result:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
+
+        async def disconnected() -> None:
+            await asyncio.shield(gone)
+
         while True:
             changes = self.ctx.writer.changes()
-            result = await submit(self.ctx, req, ClaimTasks(spot, max_tasks))
+            result = await self.ctx.writer.submit(ClaimTasks(spot, max_tasks), disconnected)
             remaining = deadline - loop.time()
             if not isinstance(result, Claimed) or result.tasks or remaining <= 0:
-                break
+                return result
             # Nothing yet: wait for the next stored batch (it may have made a task
             # claimable), or a moment for a backoff to run out, then claim again.
-            await self.ctx.writer.wait_for_change(changes, min(remaining, LONG_POLL_RECHECK))
-        answer(resp, result)
+            waiting = asyncio.ensure_future(
+                self.ctx.writer.wait_for_change(changes, min(remaining, LONG_POLL_RECHECK))
+            )
+            await asyncio.wait(
+                [waiting, asyncio.ensure_future(disconnected())],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            waiting.cancel()
+            if gone.done():
+                raise falcon.HTTPBadRequest(description="the client went away")
 
 
 #: How often a waiting claim looks again without news (a backoff may have run out).

@@ -232,3 +232,39 @@ async def test_a_claim_whose_client_disconnected_while_queued_is_not_carried_out
     assert isinstance(await d.writer.submit(Heartbeat(d.spot, cpu_load=0.6)), Ok)
     assert stored_claims(d) == []
     assert stored_statuses(d) == [NEW] * 5
+
+
+def long_polls() -> list[asyncio.Task[Any]]:
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if "Claims._long_poll" in t.get_coro().__qualname__  # type: ignore[union-attr]
+    ]
+
+
+async def test_a_long_poll_whose_client_hung_up_claims_nothing_more(
+    deployment: Deployment, http_port: int
+) -> None:
+    d = deployment
+    other = await d.writer.submit(Hello("10.0.0.2"))
+    assert isinstance(other, SpotRegistered)
+    taken = await d.writer.submit(ClaimTasks(other.spot_id, 5))  # nothing left to claim
+    assert isinstance(taken, Claimed) and len(taken.tasks) == 5
+
+    _, client = await asyncio.open_connection("127.0.0.1", http_port)
+    body = json.dumps({"spotId": d.spot, "maxTasks": 5, "waitMs": 20000}).encode()
+    client.write(
+        b"POST /internal/v1/tasks/claim HTTP/1.1\r\nHost: tadpole\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await client.drain()
+    await until(lambda: long_polls(), 5, "the long poll to wait")
+    client.close()  # the worker hangs up
+    await until(lambda: not long_polls(), 5, "the long poll to notice")
+
+    job = await d.writer.submit(CreateJob(SWEEP))
+    assert isinstance(job, JobCreated)
+    third = await d.writer.submit(Hello("10.0.0.3"))
+    assert isinstance(third, SpotRegistered)
+    got = await d.writer.submit(ClaimTasks(third.spot_id, 5))
+    assert isinstance(got, Claimed) and len(got.tasks) == 5  # none went to the gone client
