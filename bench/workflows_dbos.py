@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO, Any
 
 import psycopg
@@ -238,6 +239,26 @@ class Pool:
                 proc.wait()
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> tuple[float, float, float]:
+    """(busy jiffies, total jiffies, CPU seconds of every postgres process) so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy, total = sum(fields[:8]) - fields[3] - fields[4], sum(fields[:8])
+    pg = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                raw = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if raw[raw.index("(") + 1 : raw.rindex(")")] == "postgres":
+                f = raw.rsplit(")", 1)[1].split()
+                pg += (int(f[11]) + int(f[12])) / TICKS
+    return busy, total, pg
+
+
 def count_done(conn: psycopg.Connection[Any]) -> int:
     row = conn.execute(
         "SELECT count(*) FILTER (WHERE status = 'SUCCESS'),"
@@ -270,6 +291,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         try:
             pool.expect("ready", deadline, "launching")
             load_avg = os.getloadavg()
+            before = machine()
             enqueue_s = None
             if args.mode == "direct":
                 pool.go()
@@ -297,6 +319,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                         time.sleep(0.02)
                     elapsed = now() - first
                 results = pool.results(deadline)
+            after = machine()
             with psycopg.connect(url, autocommit=True) as conn:
                 succeeded = count_done(conn)
         finally:
@@ -304,6 +327,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             if client is not None:
                 client.destroy()
     latencies = [x for r in results for x in r["latencies_ms"]]
+    busy_s = (after[0] - before[0]) / TICKS
+    workers_s = sum(r["cpu_s"] for r in results)
+    # What neither the workers nor PostgreSQL used: this driver, the kernel, other users.
+    rest_s = busy_s - workers_s - (after[2] - before[2])
+    ncpu = os.cpu_count() or 1
     settings: dict[str, Any] = {
         "processes": args.procs,
         "threads_or_worker_concurrency": args.concurrency // args.procs,
@@ -328,7 +356,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "max_ms": round(max(latencies), 2) if latencies else 0.0,
             "samples": len(latencies),
         },
-        "worker_cpu_s": round(sum(r["cpu_s"] for r in results), 2),
+        "worker_cpu_s": round(workers_s, 2),
+        "postgresql_cpu_s": round(after[2] - before[2], 2),
+        "machine_busy_fraction": round((after[0] - before[0]) / max(1, after[1] - before[1]), 3),
+        "others_share": round(max(0.0, rest_s) / elapsed / ncpu, 3),
         "load_average_before": [round(x, 2) for x in load_avg],
         "settings": settings,
     }
