@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PORT ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit integration e2e lint typecheck bench bench-startup schemas clean help
+.PHONY: run test unit integration e2e lint typecheck bench bench-startup bench-workflows schemas clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -52,6 +52,9 @@ $(PEERS)/.installed: bench/requirements-peers.txt
 
 bench: $(STAMP) $(PEERS)/.installed ## benchmark Tadpole beside PgQueuer and DBOS (bench/results/latest.json)
 	$(BIN)/python bench/run.py
+
+bench-workflows: $(STAMP) $(PEERS)/.installed ## 3-step workflows, 24 workers: runs/s and step-to-step latency beside DBOS (bench/results/workflows-<date>.json)
+	$(BIN)/python bench/workflows.py
 
 bench-startup: $(STAMP) ## start-up to healthy and the API's memory, 1,000 vs 100,000 finished jobs (bench/results/startup-<date>.json)
 	$(BIN)/python bench/startup.py
