@@ -21,6 +21,10 @@ Two modes, both DBOS's documented ways to run workflows:
   workers execute them). The clock runs from the first enqueue until every
   run's status row is ``SUCCESS`` (polled every 20 ms).
 
+Beside the figures: the machine's busy fraction over the clock's window, the
+workers' and PostgreSQL's CPU seconds, and ``others_share``, the share of the
+machine that neither used (this driver, irq + softirq, other users).
+
 Step-to-step latency, measured inside the workers: from step k's call returning
 (its output recorded) to step k+1's body starting (after DBOS's check for a
 recorded output), on the machine-wide monotonic clock.
@@ -329,7 +333,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     latencies = [x for r in results for x in r["latencies_ms"]]
     busy_s = (after[0] - before[0]) / TICKS
     workers_s = sum(r["cpu_s"] for r in results)
-    # What neither the workers nor PostgreSQL used: this driver, the kernel, other users.
+    # What neither the workers nor PostgreSQL used: this driver (the enqueuing client in queue
+    # mode), irq + softirq (loopback traffic), other users of the machine.
     rest_s = busy_s - workers_s - (after[2] - before[2])
     ncpu = os.cpu_count() or 1
     settings: dict[str, Any] = {
