@@ -19,6 +19,10 @@ BACKOFF_BASE, BACKOFF_FACTOR, BACKOFF_MAX = 1.0, 2.0, 10.0
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_TASKS = 1000
 MAX_NAME = 255
+#: Bounds that keep every timer a datetime can hold and every attempt count an int.
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+MAX_BACKOFF_SECONDS = 3600
+MAX_ATTEMPTS = 100
 
 
 class DefinitionError(ValueError):
@@ -87,14 +91,20 @@ class Definition:
             for dep in task.depends_on:
                 if dep not in seen:
                     raise DefinitionError(f"task {task.id!r} depends on unknown task {dep!r}")
-            if task.retry.max_attempts < 1:
-                raise DefinitionError(f"task {task.id!r}: retry.maxAttempts must be at least 1")
-            if task.retry.backoff_seconds < 0:
+            if not 1 <= task.retry.max_attempts <= MAX_ATTEMPTS:
                 raise DefinitionError(
-                    f"task {task.id!r}: retry.backoffSeconds must not be negative"
+                    f"task {task.id!r}: retry.maxAttempts must be 1 to {MAX_ATTEMPTS}"
                 )
-            if task.timeout_seconds is not None and task.timeout_seconds <= 0:
-                raise DefinitionError(f"task {task.id!r}: timeoutSeconds must be positive")
+            if not 0 <= task.retry.backoff_seconds <= MAX_BACKOFF_SECONDS:
+                raise DefinitionError(
+                    f"task {task.id!r}: retry.backoffSeconds must be 0 to {MAX_BACKOFF_SECONDS}"
+                )
+            timeout = task.timeout_seconds
+            if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+                raise DefinitionError(
+                    f"task {task.id!r}: timeoutSeconds must be above 0 and at most "
+                    f"{MAX_TIMEOUT_SECONDS}"
+                )
         cycle = self._cycle()
         if cycle:
             raise DefinitionError("the dependencies form a cycle: " + " -> ".join(cycle))

@@ -160,6 +160,18 @@ def defn(tasks: list[dict[str, Any]]) -> Definition:
         ),
         ([{"id": "a", "dependsOn": ["a"]}], "the dependencies form a cycle: a -> a"),
         ([{"id": "a b"}], "task id 'a b' must be 1-64 of A-Z, a-z, 0-9, '_', '.' and '-'"),
+        (
+            [{"id": "a", "timeoutSeconds": 1e308}],
+            "task 'a': timeoutSeconds must be above 0 and at most 604800",
+        ),
+        (
+            [{"id": "a", "retry": {"backoffSeconds": 1e300}}],
+            "task 'a': retry.backoffSeconds must be 0 to 3600",
+        ),
+        (
+            [{"id": "a", "retry": {"maxAttempts": 2**63}}],
+            "task 'a': retry.maxAttempts must be 1 to 100",
+        ),
     ],
 )
 def test_an_invalid_definition_says_what_is_wrong(
