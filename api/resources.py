@@ -45,12 +45,8 @@ class Writer(Protocol):
         """Recovered from the store, and its last store operation went through."""
         ...
 
-    def changes(self) -> int:
-        """How many batches it has stored so far (to wait for the next)."""
-        ...
-
-    async def wait_for_change(self, seen: int, timeout: float) -> None:
-        """Return once a batch after the ``seen``-th is stored, or after ``timeout`` s."""
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when a claim may find a task (this waiter's turn), or after ``timeout`` s."""
         ...
 
 
@@ -419,16 +415,12 @@ class Claims:
             await asyncio.shield(gone)
 
         while True:
-            changes = self.ctx.writer.changes()
             result = await self.ctx.writer.submit(ClaimTasks(spot, max_tasks), disconnected)
             remaining = deadline - loop.time()
             if not isinstance(result, Claimed) or result.tasks or remaining <= 0:
                 return result
-            # Nothing yet: wait for the next stored batch (it may have made a task
-            # claimable), or a moment for a backoff to run out, then claim again.
-            waiting = asyncio.ensure_future(
-                self.ctx.writer.wait_for_change(changes, min(remaining, LONG_POLL_RECHECK))
-            )
+            # Nothing yet: wait until the writer sees a task for this claim, then claim.
+            waiting = asyncio.ensure_future(self.ctx.writer.wait_for_work(remaining))
             await asyncio.wait(
                 [waiting, asyncio.ensure_future(disconnected())],
                 return_when=asyncio.FIRST_COMPLETED,
@@ -436,10 +428,6 @@ class Claims:
             waiting.cancel()
             if gone.done():
                 raise falcon.HTTPBadRequest(description="the client went away")
-
-
-#: How often a waiting claim looks again without news (a backoff may have run out).
-LONG_POLL_RECHECK = 0.25
 
 
 class TaskReports:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import Transcoding
 from eventsourcing.utils import register_topic
 
 if TYPE_CHECKING:
@@ -144,6 +145,13 @@ class Family:
             went down, a lease expired); the ids of the work taken back.
         legacy_topics: Topics this family's classes were stored under before they
             moved, so stores written by an older version still load.
+        reads: Command class → the ids of the aggregates its handler may load from
+            the store. The writer asks the store which of those it does not hold
+            in memory exist, without blocking, before the batch is decided; a
+            handler then finds one that does not exist absent at once instead of
+            reading the store on the event loop (a new run's idempotency check).
+        transcodings: How the store encodes the objects its aggregates hold that are
+            not plain values (for their snapshots).
     """
 
     name: str
@@ -161,7 +169,13 @@ class Family:
     #: Hands up to ``n`` of its claimable tasks to spot ``holder`` (a claim), in the
     #: order families are registered: ``(work, holder, n) -> [ClaimedTask]``.
     offer: Callable[[Any, str, int], list[Any]] | None = None
+    #: How many tasks a claim could take from it now, counted up to a limit:
+    #: ``(state, now as a timestamp, limit) -> int``; the writer wakes that many
+    #: waiting claims. A family that offers work declares it.
+    claimable: Callable[[Any, float, int], int] | None = None
     legacy_topics: Mapping[str, type] = field(default_factory=dict)
+    reads: Mapping[type, Callable[[Any], Iterable[UUID]]] = field(default_factory=dict)
+    transcodings: tuple[Transcoding, ...] = ()
 
     def __post_init__(self) -> None:
         for old, cls in self.legacy_topics.items():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -103,6 +103,9 @@ class CommandProcessor:
             for family in self.families
             for command, handler in family.handlers.items()
         }
+        self._reads: dict[type, Any] = {
+            command: reads for family in self.families for command, reads in family.reads.items()
+        }
         self._family_of: dict[type, Family] = {}
         for family in self.families:
             for event in family.events:
@@ -180,30 +183,54 @@ class CommandProcessor:
         found = {u: self.held(u) for u in uuids}
         return {u: a.version for u, a in found.items() if a is not None}
 
+    def to_look_up(self, commands: Iterable[Command]) -> list[UUID]:
+        """Aggregates these commands may load from the store and that are not in memory:
+        what the writer asks the store about (without blocking) before deciding them."""
+        wanted: dict[UUID, None] = {}
+        for command in commands:
+            reads = self._reads.get(type(command))
+            if reads is not None:
+                wanted.update((u, None) for u in reads(command) if self.held(u) is None)
+        return list(wanted)
+
+    def claimable(self, now: datetime, limit: int) -> int:
+        """How many tasks claims could take now, from every family (counted up to ``limit``)."""
+        found, ts = 0, now.timestamp()
+        for family in self.families:
+            if family.claimable is not None and found < limit:
+                found += family.claimable(self._states[family.name], ts, limit - found)
+        return found
+
     def family_of(self, aggregate: Aggregate) -> Family:
         return self._family_of[type(aggregate)]
 
     # ---- one batch -----------------------------------------------------------------
 
-    def process(self, commands: Sequence[Command], now: datetime) -> list[Result]:
+    def process(
+        self, commands: Sequence[Command], now: datetime, absent: Collection[UUID] = ()
+    ) -> list[Result]:
         """Decide every command, store the batch atomically, return one result each.
 
         Raises whatever the store raised if it refused the batch; then nothing was
         stored and the processor reloads before its next batch.
         """
-        decided = self.decide(commands, now)
+        decided = self.decide(commands, now, absent)
         self.store_decided(decided)
         return decided.results
 
-    def decide(self, commands: Sequence[Command], now: datetime) -> Decided:
+    def decide(
+        self, commands: Sequence[Command], now: datetime, absent: Collection[UUID] = ()
+    ) -> Decided:
         """Decide a batch against the state so far.
 
+        ``absent``: aggregates the store was just found not to have (see
+        :meth:`to_look_up`); handlers get None for them without reading the store.
         The batch's events are taken out of the aggregates here; :meth:`store_decided`
         (or the writer's appender) stores them.
         """
         if self._stale:
             self.recover(now)
-        uow = UnitOfWork(self, now)
+        uow = UnitOfWork(self, now, absent)
         results: list[Result | None] = [None] * len(commands)
         routed = [self._route(c) for c in commands]
         for phase in Phase:
@@ -285,9 +312,10 @@ class UnitOfWork:
     state and :meth:`add` what they change. Everything added is stored together.
     """
 
-    def __init__(self, processor: CommandProcessor, now: datetime):
+    def __init__(self, processor: CommandProcessor, now: datetime, absent: Collection[UUID] = ()):
         self.processor = processor
         self.now = now
+        self.absent = absent
         self.ts = now.timestamp()
         self.touched: dict[UUID, Aggregate] = {}
         self.works: dict[str, BatchWork] = {}
@@ -305,7 +333,7 @@ class UnitOfWork:
     def get(self, uuid: UUID, kind: type[_A]) -> _A | None:
         """The aggregate as this batch has it: changed here, held in memory, or loaded."""
         aggregate = self.touched.get(uuid) or self.processor.held(uuid)
-        if aggregate is None:
+        if aggregate is None and uuid not in self.absent:
             aggregate = self.processor.load(uuid, kind)
         return aggregate if isinstance(aggregate, kind) else None
 

@@ -9,6 +9,8 @@ schema, no topic, or no handler in a read model.
 
 from __future__ import annotations
 
+from eventsourcing.persistence import Transcoding
+
 from domain import jobs, spots, workflows
 from domain.family import Family
 
@@ -19,6 +21,10 @@ EVENTS: tuple[type, ...] = tuple(e for f in FAMILIES for e in f.events)
 
 #: Every result a handler may give (the API answers each).
 RESULTS: tuple[type, ...] = tuple(dict.fromkeys(r for f in FAMILIES for r in f.results))
+
+
+#: How the store encodes what the families' aggregates hold beyond plain values.
+TRANSCODINGS: tuple[Transcoding, ...] = tuple(t for f in FAMILIES for t in f.transcodings)
 
 
 def event_type(cls: type) -> str:

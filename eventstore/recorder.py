@@ -100,6 +100,10 @@ class OneTripRecorder(PostgresApplicationRecorder):
             "SELECT * FROM {schema}.{function}(%s::{id_type}[], %s::bigint[], %s::text[], "
             "%s::bytea[], %s::{id_type}[], %s::text[], %s::{id_type}[])"
         ).format(**names)
+        self.select_existing_statement = SQL(
+            "SELECT DISTINCT originator_id FROM {schema}.{table} "
+            "WHERE originator_id = ANY(%s::{id_type}[])"
+        ).format(**names)
         self.select_open_statement = SQL("SELECT id, kind FROM {schema}.{open}").format(**names)
         self.replace_open_statements = (
             SQL("LOCK TABLE {schema}.{table} IN EXCLUSIVE MODE").format(**names),
@@ -191,16 +195,28 @@ class AsyncAppender:
         stored = [self.mapper.to_stored_event(e) for e in events]
         return await self._bounded(self._append(_columns(stored, opened or {}, closed)))
 
+    async def existing(self, ids: Sequence[UUID]) -> set[UUID]:
+        """Which of these aggregates the store has (any event of theirs)."""
+        rows = await self._bounded(
+            self._rows(self.recorder.select_existing_statement, (list(ids),))
+        )
+        return {UUID(str(row[0])) for row in rows}
+
     async def ping(self) -> None:
         """Return when the database answers; raise when it cannot be reached in time."""
         await self._bounded(self._ping())
 
     async def _append(self, params: tuple[list[Any], ...]) -> list[int]:
+        return [row[0] for row in await self._rows(self.recorder.append_statement, params)]
+
+    async def _rows(self, statement: Any, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """The rows ``statement`` returns; a connection found broken is replaced and the
+        statement tried once more (see :meth:`append`)."""
         for attempt in (1, 2):
             conn = await self._connection()
             try:
-                cursor = await conn.execute(self.recorder.append_statement, params, prepare=True)
-                return [row[0] for row in await cursor.fetchall()]
+                cursor = await conn.execute(statement, params, prepare=True)
+                return await cursor.fetchall()
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 await self._drop(conn)
                 if attempt == 2:

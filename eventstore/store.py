@@ -38,6 +38,15 @@ class TadpoleStore(Application[UUID]):
         #: The index of open work of a store in memory (a PostgreSQL store keeps its own).
         self._open: dict[UUID, str] = {}
 
+    def register_transcodings(self, transcoder: Any) -> None:
+        """The library's, and those of every family (:data:`domain.registry.TRANSCODINGS`):
+        what the store decodes is the domain's, so it reads the domain's list."""
+        super().register_transcodings(transcoder)
+        from domain.registry import TRANSCODINGS
+
+        for transcoding in TRANSCODINGS:
+            transcoder.register(transcoding)
+
     # ---- the port the command processor uses ---------------------------------------
 
     def load(self, uuid: UUID) -> Aggregate | None:

@@ -96,6 +96,7 @@ class Tadpole:
                 append=self.appender.append,
                 timeout=s.command_timeout,
                 probe=self.appender.ping,
+                look_up=self.appender.existing,
             )
             self.ctx.store_ping = self.appender.ping  # bounded by the command timeout
             self.ctx.pipeline = PipelineStatus(store)

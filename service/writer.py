@@ -48,6 +48,9 @@ VERSIONS_KEPT = 65_536
 #: Seconds a request waits before its client's disconnect is watched for: most
 #: commands are answered well within it, and then no watcher is ever started.
 WATCH_AFTER = 0.05
+#: How often the writer looks again for work for waiting claims without a stored
+#: batch (a retry's backoff may have run out).
+WAITING_RECHECK = 0.25
 #: First and longest pause between two attempts to reach a store that is down.
 RETRY_FIRST, RETRY_MAX = 0.2, 2.0
 
@@ -55,6 +58,8 @@ RETRY_FIRST, RETRY_MAX = 0.2, 2.0
 #: Stores a batch's events atomically with the changes to the index of open work
 #: (opened: id → class name; closed ids); their notification ids. On the event loop.
 Append = Callable[[Sequence[Any], Mapping[UUID, str], Sequence[UUID]], Awaitable[list[int]]]
+#: Which of these aggregates the store has; on the event loop.
+LookUp = Callable[[Sequence[UUID]], Awaitable[set[UUID]]]
 #: Returns when the store answers; raises when it cannot be reached.
 Probe = Callable[[], Awaitable[None]]
 #: Returns when the client that sent a command is gone.
@@ -71,14 +76,18 @@ class GroupCommitWriter:
         *,
         timeout: float = 2.0,
         probe: Probe | None = None,
+        look_up: LookUp | None = None,
     ):
         """``append``, when given, stores the events without leaving the event loop
         (:class:`eventstore.recorder.AsyncAppender`); without it the processor's own
-        store is used, in a worker thread. ``probe`` checks the store is reachable
-        before the writer reloads from it; ``timeout`` is how long a command may
-        wait in the queue."""
+        store is used, in a worker thread. ``look_up`` tells, without leaving the
+        loop, which aggregates a batch may load exist (see
+        :meth:`CommandProcessor.to_look_up`): without it the processor reads them
+        itself. ``probe`` checks the store is reachable before the writer reloads
+        from it; ``timeout`` is how long a command may wait in the queue."""
         self.processor = processor
         self.append = append
+        self.look_up = look_up
         self.probe = probe
         self.timeout = timeout
         self._pending: list[_Queued] = []
@@ -98,9 +107,9 @@ class GroupCommitWriter:
         self.commands = 0
         #: Commands of the batch being stored (0: none is).
         self.storing = 0
-        #: Set (and replaced) after every stored batch: long-polling claims wait on it.
-        self._stored = asyncio.Event()
-        self._changed = 0
+        #: Long-polling claims that found nothing, the longest waiting first.
+        self._waiting: dict[asyncio.Future[None], None] = {}
+        self._recheck: asyncio.TimerHandle | None = None
 
     @property
     def ready(self) -> bool:
@@ -117,8 +126,9 @@ class GroupCommitWriter:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._expiry is not None:
-            self._expiry.cancel()
+        for timer in (self._expiry, self._recheck):
+            if timer is not None:
+                timer.cancel()
 
     async def submit(self, command: Command, disconnected: Disconnected | None = None) -> Result:
         """Decide and store ``command``; its result.
@@ -144,16 +154,43 @@ class GroupCommitWriter:
         finally:
             watch.cancel()
 
-    def changes(self) -> int:
-        """Batches stored so far that stored events (one that changed nothing is not counted)."""
-        return self._changed
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when a claim may find a task, or after ``timeout`` seconds.
 
-    async def wait_for_change(self, seen: int, timeout: float) -> None:
-        """Return once more than ``seen`` batches changed something, or after ``timeout`` s."""
-        if self._changed > seen:
+        For long-polling claims that found nothing. After every stored batch, and
+        every :data:`WAITING_RECHECK` seconds while any waits, the writer counts the
+        tasks a claim could take now and wakes that many waiting claims, the
+        longest waiting first: a task that becomes claimable wakes one claim, not
+        every idle worker's.
+        """
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[woken] = None
+        self._arm_recheck()
+        try:
+            await asyncio.wait_for(woken, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiting.pop(woken, None)
+
+    def _wake_waiting(self) -> None:
+        if not self._waiting or self.processor.needs_recovery:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stored.wait(), timeout)
+        n = self.processor.claimable(datetime.now(UTC), len(self._waiting))
+        for woken in list(self._waiting)[:n]:
+            del self._waiting[woken]
+            if not woken.done():
+                woken.set_result(None)
+
+    def _arm_recheck(self) -> None:
+        if self._recheck is None:
+            self._recheck = asyncio.get_running_loop().call_later(WAITING_RECHECK, self._rechecked)
+
+    def _rechecked(self) -> None:
+        self._recheck = None
+        self._wake_waiting()
+        if self._waiting:
+            self._arm_recheck()
 
     def known_versions(self, uuids: Iterable[UUID]) -> dict[UUID, int]:
         found = {u: self.versions.get(u) for u in uuids}
@@ -220,10 +257,19 @@ class GroupCommitWriter:
             batch = self._take()
             if not batch:
                 continue
+            commands = [c for c, _, _ in batch]
+            try:
+                absent = await self._absent(commands)
+            except Exception as error:
+                log.exception("looking up the aggregates of a batch failed")
+                self._last_failed = True
+                self.processor.invalidate()  # reloads once the store answers the probe
+                self._fail(batch, error)
+                continue
             try:
                 # Deciding is in-memory work on the open aggregates: done right here,
                 # it costs no thread hand-off and no fight for the GIL with this loop.
-                decided = self.processor.decide([c for c, _, _ in batch], datetime.now(UTC))
+                decided = self.processor.decide(commands, datetime.now(UTC), absent)
             except Exception as error:
                 log.exception("deciding a batch failed")
                 self.processor.invalidate()  # it may have changed aggregates half-way
@@ -233,6 +279,17 @@ class GroupCommitWriter:
             # (Deciding the next batch during this save was measured slower: it
             # made every request wait for two saves instead of one.)
             await self._store(batch, decided)
+
+    async def _absent(self, commands: Sequence[Command]) -> set[UUID]:
+        """The aggregates these commands may load that the store does not have, asked
+        without blocking the loop: a new run's idempotency check then costs no read
+        on the loop. Nothing else stores in between: this task is the single writer."""
+        if self.look_up is None:
+            return set()
+        wanted = self.processor.to_look_up(commands)
+        if not wanted:
+            return set()
+        return set(wanted) - await self.look_up(wanted)
 
     async def _recover(self) -> None:
         """Reload the processor from the store; while it is down, retry with a growing pause."""
@@ -310,13 +367,11 @@ class GroupCommitWriter:
             self.versions.put(uuid, version)
         self.batches += 1
         self.commands += len(batch)
-        if decided.events:  # it may have made work claimable: wake the waiting claims
-            self._changed += 1
-            self._stored.set()
-            self._stored = asyncio.Event()
         for (_, future, _), result in zip(batch, decided.results, strict=True):
             if not future.done():
                 future.set_result(result)
+        if decided.events:  # it may have made work claimable
+            self._wake_waiting()
 
     async def _append(self, decided: Decided) -> None:
         assert self.append is not None

@@ -52,6 +52,7 @@ FAMILY = Family(
     audit={"job": whole(parse_job_id, Job), "task": task_history},
     release=JobsWork.release,
     offer=JobsWork.offer,
+    claimable=OpenJobs.claimable_count,
     legacy_topics={"domain.jobs:Job": Job, "domain.tasks:TaskBlock": TaskBlock},
 )
 

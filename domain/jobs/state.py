@@ -159,6 +159,16 @@ class OpenJobs:
         if found is not None:
             self.recent_jobs.put(job, found)
 
+    def claimable_count(self, ts: float, limit: int) -> int:
+        """How many NEW tasks a claim could take now (counted up to ``limit``)."""
+        found = 0
+        for uuid in self.claimable:
+            block = self.blocks.get(uuid)
+            found += block.new_count() if block is not None else 0
+            if found >= limit:
+                break
+        return min(found, limit)
+
     def begin(self, uow: UnitOfWork) -> JobsWork:
         return JobsWork(self, uow)
 

@@ -26,8 +26,15 @@ from domain.workflows.commands import (
 )
 from domain.workflows.definition import WorkflowDefinition
 from domain.workflows.definitions import Definition, DefinitionError
-from domain.workflows.run import WorkflowRun
-from domain.workflows.state import OpenRuns, WorkflowsWork
+from domain.workflows.run import TaskStateAsDict, WorkflowRun
+from domain.workflows.state import (
+    OpenRuns,
+    WorkflowsWork,
+    control_reads,
+    register_reads,
+    report_reads,
+    start_reads,
+)
 
 FAMILY = Family(
     name="workflows",
@@ -72,6 +79,16 @@ FAMILY = Family(
     audit={"workflow-run": run_history, "workflow-task": workflow_task_history},
     release=WorkflowsWork.release,
     offer=WorkflowsWork.offer,
+    claimable=OpenRuns.claimable_count,
+    reads={
+        StartRun: start_reads,
+        RegisterWorkflow: register_reads,
+        **dict.fromkeys(
+            (PauseRun, ResumeRun, CancelRun, CompensateRun, RetryWorkflowTask), control_reads
+        ),
+        **dict.fromkeys((CompleteWorkflowTask, FailWorkflowTask, RenewLease), report_reads),
+    },
+    transcodings=(TaskStateAsDict(),),
 )
 
 __all__ = [

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
 
-from domain.workflows.definitions import Definition
+from domain.workflows.definitions import Definition, parsed
 
 
 class WorkflowDefinition(Aggregate):
@@ -38,7 +38,11 @@ class WorkflowDefinition(Aggregate):
         self.versions[workflow_version] = definition
         self.latest = workflow_version
 
+    def text(self, version: str | None = None) -> str | None:
+        """A registered version as stored (the latest if none is named)."""
+        return self.versions.get(version or self.latest or "")
+
     def definition(self, version: str | None = None) -> Definition | None:
         """A registered version (the latest if none is named)."""
-        text = self.versions.get(version or self.latest or "")
-        return Definition.from_json(text) if text is not None else None
+        text = self.text(version)
+        return parsed(text) if text is not None else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 from domain.workflows.ids import TASK_NAME
@@ -181,6 +181,13 @@ class Definition:
     @classmethod
     def from_json(cls, text: str) -> Definition:
         return cls.from_dict(json.loads(text))
+
+
+@lru_cache(maxsize=256)
+def parsed(text: str) -> Definition:
+    """A stored definition, parsed once: versions are immutable, so every run of one
+    version shares one :class:`Definition` (never changed once built)."""
+    return Definition.from_json(text)
 
 
 def _task(t: Any) -> TaskSpec:

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.persistence import Transcoding
 
-from domain.workflows.definitions import Definition, TaskSpec
+from domain.workflows.definitions import Definition, TaskSpec, parsed
 
 # Run states.
 RUNNING, PAUSED, CANCELLED = "RUNNING", "PAUSED", "CANCELLED"
@@ -66,6 +67,19 @@ class TaskState:
     @property
     def is_compensation(self) -> bool:
         return self.id.endswith(COMPENSATE)
+
+
+class TaskStateAsDict(Transcoding):
+    """How a run's snapshot stores its tasks."""
+
+    type = TaskState
+    name = "workflow_task_state"
+
+    def encode(self, obj: TaskState) -> dict[str, Any]:
+        return asdict(obj)
+
+    def decode(self, data: dict[str, Any]) -> TaskState:
+        return TaskState(**data)
 
 
 class WorkflowRun(Aggregate):
@@ -108,8 +122,10 @@ class WorkflowRun(Aggregate):
 
     @classmethod
     def start(
-        cls, uuid: UUID, d: Definition, run_id: str, input_json: str, at: datetime
+        cls, uuid: UUID, definition: str, run_id: str, input_json: str, at: datetime
     ) -> WorkflowRun:
+        """A run of the stored definition text ``definition``."""
+        d = parsed(definition)
         return cls._create(
             cls.Started,
             id=uuid,
@@ -117,7 +133,7 @@ class WorkflowRun(Aggregate):
             name=d.name,
             workflow_version=d.version,
             run_id=run_id,
-            definition=d.to_json(),
+            definition=definition,
             input=input_json,
             at=at,
         )
@@ -126,10 +142,7 @@ class WorkflowRun(Aggregate):
 
     @property
     def spec(self) -> Definition:
-        cached = getattr(self, "_spec", None)
-        if cached is None:
-            cached = self._spec = Definition.from_json(self.definition_json)
-        return cached
+        return parsed(self.definition_json)
 
     def task_spec(self, task_id: str) -> TaskSpec:
         return self.spec.by_id[task_id.removesuffix(COMPENSATE)]

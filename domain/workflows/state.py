@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from uuid import UUID
 
@@ -58,15 +58,18 @@ class OpenRuns:
         self.lease_seconds = config.lease_seconds
         self.runs: dict[UUID, WorkflowRun] = {}
         #: Open runs with a READY task, and with a RUNNING one: what claims and timers
-        #: look at, so that neither walks every open run.
-        self.ready: dict[UUID, None] = {}
+        #: look at, so that neither walks every open run. Claims take the READY tasks
+        #: of runs under way (a task of theirs was tried) before those of runs not yet
+        #: begun: a run's next step is not queued behind every run started after it.
+        self.ready_next: dict[UUID, None] = {}
+        self.ready_first: dict[UUID, None] = {}
         self.running: dict[UUID, None] = {}
         self.recent: Recent[UUID, WorkflowRun | WorkflowDefinition] = Recent(config.recent)
         #: Chooses the jitter of a retry's backoff (a parameter for tests).
         self.jitter: Callable[[], float] = random.random
 
     def recover(self, load: Loader, open_ids: Iterable[UUID], now: datetime) -> None:
-        for kept in (self.runs, self.ready, self.running):
+        for kept in (self.runs, self.ready_next, self.ready_first, self.running):
             kept.clear()
         self.recent.clear()
         for uuid in open_ids:
@@ -83,16 +86,34 @@ class OpenRuns:
             self.runs[uuid] = aggregate
             self.recent.pop(uuid)
             statuses = {t.status for t in aggregate.tasks.values()}
-            for index, status in ((self.ready, READY), (self.running, RUNNING)):
+            under_way = any(t.attempts for t in aggregate.tasks.values())
+            ready = self.ready_next if under_way else self.ready_first
+            if under_way:
+                self.ready_first.pop(uuid, None)
+            for index, status in ((ready, READY), (self.running, RUNNING)):
                 if status in statuses:
                     index[uuid] = None
                 else:
                     index.pop(uuid, None)
         elif isinstance(aggregate, WorkflowRun | WorkflowDefinition):
-            self.runs.pop(aggregate.id, None)
-            self.ready.pop(aggregate.id, None)
-            self.running.pop(aggregate.id, None)
+            for kept in (self.runs, self.ready_next, self.ready_first, self.running):
+                kept.pop(aggregate.id, None)
             self.recent.put(aggregate.id, aggregate)
+
+    def ready_runs(self) -> Iterator[WorkflowRun]:
+        """The open runs with a READY task, in the order claims take them."""
+        for index in (self.ready_next, self.ready_first):
+            for uuid in index:
+                yield self.runs[uuid]
+
+    def claimable_count(self, ts: float, limit: int) -> int:
+        """How many tasks a claim could take now (counted up to ``limit``)."""
+        found = 0
+        for run in self.ready_runs():
+            found += len(run.claimable(ts))
+            if found >= limit:
+                break
+        return min(found, limit)
 
     def begin(self, uow: UnitOfWork) -> WorkflowsWork:
         return WorkflowsWork(self, uow)
@@ -152,7 +173,7 @@ class WorkflowsWork:
         if self._run(uuid) is not None:
             return RunStarted(uuid, created=False)
         workflow = self.uow.get(definition_uuid(c.namespace, c.name), WorkflowDefinition)
-        definition = workflow.definition() if workflow is not None else None
+        definition = workflow.text() if workflow is not None else None
         if definition is None:
             return NotFoundError(f"workflow {c.namespace}/{c.name} is not registered")
         run = WorkflowRun.start(uuid, definition, c.run_id, c.input, self.uow.now)
@@ -220,17 +241,21 @@ class WorkflowsWork:
             ),
         )
 
-    def _runs(self, index: dict[UUID, None]) -> list[WorkflowRun]:
-        """The runs of this batch, then those of ``index`` (each once, the batch's version)."""
+    def _runs(self, held: Iterable[WorkflowRun]) -> Iterator[WorkflowRun]:
+        """The runs of this batch, then those ``held`` (each once, the batch's version),
+        as far as the caller reads."""
         touched = [a for a in self.uow.touched.values() if isinstance(a, WorkflowRun)]
         seen = {run.id for run in touched}
-        held = [self.state.runs[u] for u in index if u not in seen and u in self.state.runs]
-        return [run for run in touched if not run.is_final] + held
+        yield from (run for run in touched if not run.is_final)
+        yield from (run for run in held if run.id not in seen)
+
+    def _running(self) -> list[WorkflowRun]:
+        return list(self._runs([self.state.runs[u] for u in self.state.running]))
 
     def fire_timers(self, c: FireTimers) -> Result:
         fired: list[str] = []
         ts = self.uow.ts
-        for run in self._runs(self.state.running):
+        for run in self._running():
             for task, reason in run.due(ts):
                 run.expire(task.id, reason, self.state.jitter(), self.uow.now)
                 self.uow.add(run)
@@ -240,7 +265,7 @@ class WorkflowsWork:
     def release(self, due: HolderDue, reason: str) -> list[str]:
         """Attempts held by spots that are gone fail now (and are retried), not at lease end."""
         released: list[str] = []
-        for run in self._runs(self.state.running):
+        for run in self._running():
             for task in list(run.tasks.values()):
                 if task.status == RUNNING and task.holder is not None and due(task.holder, 0.0):
                     run.expire(task.id, reason, self.state.jitter(), self.uow.now)
@@ -250,10 +275,11 @@ class WorkflowsWork:
 
     def offer(self, holder: str, n: int) -> list[ClaimedTask]:
         """Up to ``n`` claimable tasks: those this batch made ready first (the next step
-        of a chain goes out in the batch that completed the last), then the oldest."""
+        of a chain goes out in the batch that completed the last), then those of runs
+        under way, then those of runs not yet begun, each the longest ready first."""
         claimed: list[ClaimedTask] = []
         ts = self.uow.ts
-        for run in self._runs(self.state.ready):
+        for run in self._runs(self.state.ready_runs()):
             for task in run.claimable(ts):
                 fence = run.claim(task.id, holder, self.state.lease_seconds, self.uow.now)
                 self.uow.add(run)
@@ -269,6 +295,30 @@ class WorkflowsWork:
 
     def commit(self) -> None:
         pass
+
+
+# ---- what each command may load from the store (Family.reads) ---------------------------
+
+
+def start_reads(c: StartRun) -> tuple[UUID, UUID]:
+    return run_uuid(c.namespace, c.name, c.run_id), definition_uuid(c.namespace, c.name)
+
+
+def register_reads(c: RegisterWorkflow) -> tuple[UUID]:
+    return (definition_uuid(c.definition.namespace, c.definition.name),)
+
+
+def control_reads(
+    c: PauseRun | ResumeRun | CancelRun | CompensateRun | RetryWorkflowTask,
+) -> tuple[UUID]:
+    return (c.instance,)
+
+
+def report_reads(c: CompleteWorkflowTask | FailWorkflowTask | RenewLease) -> tuple[UUID, ...]:
+    try:
+        return (parse_workflow_task_id(c.task_id)[0],)
+    except UnknownIdError:
+        return ()
 
 
 def _payload(run: WorkflowRun, task_id: str) -> str:

@@ -182,6 +182,18 @@ async def test_the_async_appender_stores_what_the_library_reads(
     assert store.recorder.max_notification_id() == 3
 
 
+async def test_the_async_appender_tells_which_aggregates_exist(
+    store: TadpoleStore, appender: AsyncAppender
+) -> None:
+    kept, never = Note("kept"), Note("never stored")
+    kept.edit("twice")
+    await appender.append(kept.collect_events())
+    assert await appender.existing([kept.id, never.id]) == {kept.id}
+    assert await appender.existing([]) == set()
+    cut_connection(appender)  # a broken connection is replaced here too
+    assert await appender.existing([never.id, kept.id]) == {kept.id}
+
+
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/postgres"  # nothing listens on port 1
 
 

@@ -97,10 +97,7 @@ class DirectWriter:
     def known_versions(self, uuids: Any) -> dict[UUID, int]:
         return self.processor.versions(uuids)
 
-    def changes(self) -> int:
-        return len(self.submitted)
-
-    async def wait_for_change(self, seen: int, timeout: float) -> None:
+    async def wait_for_work(self, timeout: float) -> None:
         await asyncio.sleep(0)  # no other writer here: nothing can change meanwhile
 
 

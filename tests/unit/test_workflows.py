@@ -35,6 +35,7 @@ from domain.workflows import (
     WorkflowRun,
 )
 from domain.workflows.definitions import Retry
+from domain.workflows.ids import workflow_task_id
 from eventstore.store import StorePort, TadpoleStore, memory_env
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -386,4 +387,40 @@ def test_the_next_step_goes_out_in_the_batch_that_completed_the_last() -> None:
     assert done == TaskReported()
     assert isinstance(claimed, Claimed) and claimed.tasks[0].task_id.endswith("-provision")
     runs = world.processor.state(OpenRuns)
-    assert run in runs.running and run not in runs.ready  # provision RUNNING, deploy PENDING
+    assert run in runs.running and run not in runs.ready_next  # provision RUNNING, deploy PENDING
+
+
+def test_a_long_run_is_snapshotted_and_loads_from_its_snapshot() -> None:
+    world = World()
+    tasks = [{"id": f"t{i}"} for i in range(60)]
+    wide = Definition.from_dict({"namespace": "n", "name": "wide", "version": "1", "tasks": tasks})
+    run = world.run(wide)
+    spot = world.spot()
+    for n in range(59):  # all but one claimed and completed: more than 100 events
+        (task,) = world.claim(spot)
+        world.complete(task, spot, {"n": n})
+    assert world.store.snapshots is not None
+    (taken,) = world.store.snapshots.get(run, desc=True, limit=1)
+    assert taken.originator_version >= 100
+    world.restart()  # the open run is loaded from its snapshot and the events after it
+    (last,) = world.claim(spot)
+    assert world.complete(last, spot) == TaskReported()
+    stored = world.stored(run)
+    assert stored.state == "COMPLETED"
+    assert json.loads(stored.tasks["t0"].output or "") == {"n": 0}
+
+
+def test_a_run_under_way_has_its_next_step_claimed_before_runs_not_yet_begun() -> None:
+    world = World()
+    spot = world.spot()
+    first = world.run(run_id="first")
+    second = world.run(run_id="second")  # ready before first's next step
+    (reserve,) = world.claim(spot)
+    assert reserve.task_id == workflow_task_id(first, "reserve")
+    assert world.complete(reserve, spot) == TaskReported()
+    world.run(run_id="third")
+    (nxt,) = world.claim(spot)
+    assert nxt.task_id == workflow_task_id(first, "provision")
+    (then,) = world.claim(spot)
+    assert then.task_id == workflow_task_id(second, "reserve")
+    assert world.processor.state(OpenRuns).claimable_count(T0.timestamp(), 10) == 1  # third's

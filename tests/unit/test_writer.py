@@ -11,15 +11,23 @@ from typing import Any
 
 import pytest
 
-from domain.family import Ok
-from domain.jobs import CreateJob, JobCreated, OpenJobs
+from domain.family import NotFoundError, Ok
+from domain.jobs import CreateJob, FailTask, Finished, JobCreated, OpenJobs
 from domain.jobs.sweeps import Range, Sweep
 from domain.jobs.tasks import TaskBlock
 from domain.processor import CommandProcessor
 from domain.spots import Claimed, ClaimTasks, Heartbeat, Hello, LiveSpots, SpotRegistered
+from domain.workflows import (
+    Definition,
+    RegisterWorkflow,
+    RunStarted,
+    StartRun,
+    WorkflowRegistered,
+)
 from eventstore.store import StorePort, TadpoleStore, memory_env
 from service.writer import (
     RETRY_FIRST,
+    WAITING_RECHECK,
     GroupCommitWriter,
     OutcomeUnknownError,
     StoreUnavailableError,
@@ -277,3 +285,119 @@ async def test_a_failed_claim_that_was_not_stored_releases_nothing(
     await until(lambda: not writer._unanswered, 10, "the release to be decided")
     assert [e for e in fake.appended if isinstance(e, TaskBlock.Reaped)] == []
     assert new_tasks(writer) == 3  # the new claim holds: the old one's release touched nothing
+
+
+# ---- long-polling claims ----------------------------------------------------------------
+
+
+async def test_a_task_that_becomes_claimable_wakes_one_waiting_claim_the_longest_waiting(
+    spot_job: tuple[GroupCommitWriter, FakeStore, str],
+) -> None:
+    writer, fake, spot = spot_job
+    taken = await writer.submit(ClaimTasks(spot, 5))
+    assert isinstance(taken, Claimed) and len(taken.tasks) == 5  # nothing claimable now
+    woken: list[int] = []
+
+    async def wait(n: int) -> None:  # as a long-polling claim: woken, it claims
+        await writer.wait_for_work(timeout=5.0)
+        woken.append(n)
+        got = await writer.submit(ClaimTasks(spot, 1))
+        assert isinstance(got, Claimed) and len(got.tasks) == 1
+
+    waiters = [asyncio.ensure_future(wait(n)) for n in range(3)]
+    await until(lambda: len(writer._waiting) == 3, 2, "three claims to wait")
+    await asyncio.sleep(2 * WAITING_RECHECK)  # rechecks find nothing: nobody is woken
+    assert woken == []
+    first = taken.tasks[0]
+    again = await writer.submit(FailTask(first.task_id, spot, first.fence, "flaky", True))
+    assert isinstance(again, Finished) and again.will_retry  # NEW again: one task claimable
+    await until(lambda: woken, 2, "a claim to be woken")
+    await asyncio.sleep(2 * WAITING_RECHECK)  # the task is taken: no other claim is woken
+    assert woken == [0]
+    assert waiters[0].done() and waiters[0].exception() is None
+    for waiter in waiters:
+        waiter.cancel()
+
+
+async def test_a_waiting_claim_is_woken_for_no_task_when_it_times_out(
+    spot_job: tuple[GroupCommitWriter, FakeStore, str],
+) -> None:
+    writer, _, spot = spot_job
+    assert isinstance(await writer.submit(ClaimTasks(spot, 5)), Claimed)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await writer.wait_for_work(timeout=0.3)
+    assert loop.time() - began >= 0.3
+    assert not writer._waiting
+
+
+# ---- looking up, off the loop, what a batch may load --------------------------------------
+
+
+class CountingLoads(StorePort):
+    """A store port that counts the aggregates the processor reads synchronously."""
+
+    def __init__(self, store: TadpoleStore):
+        super().__init__(store)
+        self.loads: list[Any] = []
+
+    def load(self, uuid: Any) -> Any:
+        self.loads.append(uuid)
+        return super().load(uuid)
+
+
+async def test_a_new_runs_idempotency_check_is_looked_up_off_the_loop() -> None:
+    store = TadpoleStore(memory_env())
+    port = CountingLoads(store)
+    processor = CommandProcessor(port, 3, 5.0)
+    processor.recover(datetime.now(UTC))
+    fake = FakeStore(store)
+    asked: list[list[Any]] = []
+
+    async def look_up(ids: Sequence[Any]) -> set[Any]:
+        asked.append(list(ids))
+        return {u for u in ids if store.load(u) is not None}
+
+    writer = GroupCommitWriter(processor, append=fake.append, look_up=look_up)
+    writer.start()
+    try:
+        release = Definition.from_dict(
+            {"namespace": "ops", "name": "release", "version": "1", "tasks": [{"id": "a"}]}
+        )
+        assert isinstance(await writer.submit(RegisterWorkflow(release)), WorkflowRegistered)
+        port.loads.clear()
+        first = await writer.submit(StartRun("ops", "release", "r1", "{}"))
+        assert isinstance(first, RunStarted) and first.created
+        assert port.loads == []  # neither the new run nor the (held) definition was read
+        assert asked[-1] == [first.instance_id]
+        # The run leaves memory (here: a restart): a duplicate start finds it stored.
+        processor.invalidate()
+        again = await writer.submit(StartRun("ops", "release", "r1", "{}"))
+        assert again == RunStarted(first.instance_id, created=False)
+    finally:
+        await writer.stop()
+
+
+async def test_a_failed_look_up_answers_503_and_the_writer_reloads() -> None:
+    store = TadpoleStore(memory_env())
+    processor = CommandProcessor(StorePort(store), 3, 5.0)
+    fake = FakeStore(store)
+    broken = True
+
+    async def look_up(ids: Sequence[Any]) -> set[Any]:
+        if broken:
+            raise ConnectionError("the store went away")
+        return {u for u in ids if store.load(u) is not None}
+
+    writer = GroupCommitWriter(processor, append=fake.append, look_up=look_up, probe=fake.probe)
+    writer.start()
+    try:
+        with pytest.raises(StoreUnavailableError, match="the store went away"):
+            await writer.submit(StartRun("ops", "release", "r1", "{}"))
+        assert fake.appended == []
+        broken = False
+        await until(lambda: writer.ready, 5.0, "the writer to reload")
+        answer = await writer.submit(StartRun("ops", "release", "r1", "{}"))
+        assert isinstance(answer, NotFoundError)  # decided now: nothing is registered
+    finally:
+        await writer.stop()
