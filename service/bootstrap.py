@@ -22,7 +22,7 @@ from domain.audit import AuditLog
 from domain.jobs import OpenJobs
 from domain.processor import CommandProcessor
 from domain.spots import LiveSpots
-from eventstore.recorder import AsyncAppender
+from eventstore.recorder import AsyncAppender, OneTripRecorder
 from eventstore.store import StorePort, TadpoleStore
 from projections.views import PostgresViews, RedisViews
 from service.reapers import Reapers
@@ -140,7 +140,7 @@ class Tadpole:
 
     def relay(self, store: TadpoleStore, bootstrap_servers: str) -> Relay:
         from projections.redis.dashboards import LagSamples
-        from streaming.relay import Relay, RelayPosition
+        from streaming.relay import Relay, RelayPosition, StoreWakeups
         from streaming.topics import TopicCatalogue
 
         s = self.settings
@@ -150,6 +150,11 @@ class Tadpole:
             bootstrap_servers,
             TopicCatalogue(s.topic_prefix),
             lag=LagSamples(s.redis_url, s.redis_prefix, "relay"),
+            wakeups=(
+                StoreWakeups(s.database_url, store.recorder.channel_name)
+                if isinstance(store.recorder, OneTripRecorder)
+                else None
+            ),
         )
 
     def projector(self, store: TadpoleStore, bootstrap_servers: str, which: str) -> Projector:

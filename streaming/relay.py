@@ -47,6 +47,9 @@ from streaming.topics import TopicCatalogue, ensure_topics, producer_config
 log = logging.getLogger(__name__)
 
 BATCH = 1000
+#: Longest a caught-up relay waits for an append's notification before it looks
+#: again (and notices a stop, or a dead letter to re-send).
+IDLE_WAKE = 0.5
 #: Dead letters someone asked to re-send are looked for this often (s).
 RETRY_EVERY = 2.0
 #: Broker answers that no retry can change: the message itself is refused.
@@ -134,6 +137,53 @@ class RelayPosition:
             self._conn.close()
 
 
+class StoreWakeups:
+    """Waits for the store's next append instead of polling its log.
+
+    Every append notifies the recorder's channel (see
+    :mod:`eventstore.recorder`); this listens on its own connection. It listens
+    before the relay's first read, so an append committed between a read that
+    found nothing and the wait still wakes it. When the connection breaks it
+    waits for the store (or the fallback pause) like a poll would, and listens
+    again next time.
+    """
+
+    def __init__(self, conninfo: str, channel: str, stopping: threading.Event | None = None):
+        self.conninfo = conninfo
+        self.channel = channel
+        self.stopping = stopping or threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def listen(self) -> None:
+        """Listen from now on (before the first read)."""
+        if self._conn is None or self._conn.closed:
+            conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5)
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            self._conn = conn
+
+    def wait(self, timeout: float) -> bool:
+        """Return once the store was appended to since the last wait (True), or after
+        ``timeout`` seconds (False)."""
+        try:
+            self.listen()
+            assert self._conn is not None
+            woken = any(True for _ in self._conn.notifies(timeout=timeout, stop_after=1))
+            if woken:  # one read serves every append notified so far
+                for _ in self._conn.notifies(timeout=0):
+                    pass
+            return woken
+        except psycopg.Error as error:
+            log.warning("relay: listening for appends failed (%s); polling meanwhile", error)
+            self.close()
+            self.stopping.wait(min(timeout, 0.5))
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 class DeliveryError(RuntimeError):
     """The broker did not acknowledge every message of a batch."""
 
@@ -155,7 +205,10 @@ class Relay:
         lag: LagRecorder | None = None,
         confirm_interval: float = 0.05,
         dead_letters: DeadLetters | None = None,
+        wakeups: StoreWakeups | None = None,
     ):
+        """``wakeups``: how the relay waits for new events once it has caught up; without
+        it, it polls the store every ``idle_wait`` seconds."""
         self.store = store
         self.position = position
         self.bootstrap = bootstrap_servers
@@ -164,6 +217,9 @@ class Relay:
         self.idle_wait = idle_wait
         self.confirm_interval = confirm_interval
         self.stopping = threading.Event()
+        self.wakeups = wakeups
+        if wakeups is not None:
+            wakeups.stopping = self.stopping
         #: Set when the broker went away (it may come back empty) or a batch failed:
         #: the producer is not to be trusted and is replaced before the next batch.
         self.producer_stale = threading.Event()
@@ -220,6 +276,8 @@ class Relay:
             sent: list[EventMessage] = []
             try:
                 if produced is None:
+                    if self.wakeups is not None:
+                        self.wakeups.listen()  # before reading: no append goes unnoticed
                     produced = self.position.get()
                     log.info("relay starts after store position %d", produced)
                 sent = self._send(produced, errors)
@@ -254,7 +312,14 @@ class Relay:
             if not sent:
                 if self.lag is not None and not unconfirmed:
                     self.lag.flush(older_than=IDLE_FLUSH)  # idle: what it measured, soon
-                self.stopping.wait(self.idle_wait)
+                self._idle()
+
+    def _idle(self) -> None:
+        """Caught up: wait for the next append (or poll, without wakeups)."""
+        if self.wakeups is None:
+            self.stopping.wait(self.idle_wait)
+        elif not self.stopping.is_set():
+            self.wakeups.wait(IDLE_WAKE)
 
     def relay_once(self, after: int) -> int:
         """Relay one batch after ``after`` and confirm it; the new position (0: nothing new)."""
@@ -400,9 +465,11 @@ class Relay:
             log.warning("relay: broker still unavailable: %s", again)
 
     def stop(self) -> None:
-        self.stopping.set()
+        self.stopping.set()  # a wait for an append notices within IDLE_WAKE
 
     def close(self) -> None:
+        if self.wakeups is not None:
+            self.wakeups.close()
         if self._producer is not None:
             self._producer.flush(5)
         self.position.close()

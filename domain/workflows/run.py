@@ -151,6 +151,11 @@ class WorkflowRun(Aggregate):
     def is_final(self) -> bool:
         return self.state in RUN_FINAL
 
+    @property
+    def under_way(self) -> bool:
+        """True once a task of the run was tried."""
+        return any(t.attempts for t in self.tasks.values())
+
     def dispatching(self) -> bool:
         return self.state in (RUNNING, COMPENSATING)
 

@@ -86,9 +86,8 @@ class OpenRuns:
             self.runs[uuid] = aggregate
             self.recent.pop(uuid)
             statuses = {t.status for t in aggregate.tasks.values()}
-            under_way = any(t.attempts for t in aggregate.tasks.values())
-            ready = self.ready_next if under_way else self.ready_first
-            if under_way:
+            ready = self.ready_next if aggregate.under_way else self.ready_first
+            if aggregate.under_way:
                 self.ready_first.pop(uuid, None)
             for index, status in ((ready, READY), (self.running, RUNNING)):
                 if status in statuses:
@@ -241,16 +240,11 @@ class WorkflowsWork:
             ),
         )
 
-    def _runs(self, held: Iterable[WorkflowRun]) -> Iterator[WorkflowRun]:
-        """The runs of this batch, then those ``held`` (each once, the batch's version),
-        as far as the caller reads."""
-        touched = [a for a in self.uow.touched.values() if isinstance(a, WorkflowRun)]
-        seen = {run.id for run in touched}
-        yield from (run for run in touched if not run.is_final)
-        yield from (run for run in held if run.id not in seen)
-
     def _running(self) -> list[WorkflowRun]:
-        return list(self._runs([self.state.runs[u] for u in self.state.running]))
+        """The open runs with a RUNNING task, in this batch's version."""
+        touched = {a.id: a for a in self.uow.touched.values() if isinstance(a, WorkflowRun)}
+        held = (self.state.runs[u] for u in self.state.running if u not in touched)
+        return [run for run in touched.values() if not run.is_final] + list(held)
 
     def fire_timers(self, c: FireTimers) -> Result:
         fired: list[str] = []
@@ -274,12 +268,10 @@ class WorkflowsWork:
         return released
 
     def offer(self, holder: str, n: int) -> list[ClaimedTask]:
-        """Up to ``n`` claimable tasks: those this batch made ready first (the next step
-        of a chain goes out in the batch that completed the last), then those of runs
-        under way, then those of runs not yet begun, each the longest ready first."""
+        """Up to ``n`` claimable tasks (see :meth:`_offered` for the order)."""
         claimed: list[ClaimedTask] = []
         ts = self.uow.ts
-        for run in self._runs(self.state.ready_runs()):
+        for run in self._offered():
             for task in run.claimable(ts):
                 fence = run.claim(task.id, holder, self.state.lease_seconds, self.uow.now)
                 self.uow.add(run)
@@ -289,6 +281,20 @@ class WorkflowsWork:
                 if len(claimed) == n:
                     return claimed
         return claimed
+
+    def _offered(self) -> Iterator[WorkflowRun]:
+        """The runs whose tasks claims take, in order: runs under way before runs not yet
+        begun (a run's next step is not queued behind every run started after it), and
+        within each, those this batch changed first (the next step of a chain goes out
+        in the batch that completed the last), then the longest ready."""
+        touched = [a for a in self.uow.touched.values() if isinstance(a, WorkflowRun)]
+        touched = [run for run in touched if not run.is_final]
+        seen = {run.id for run in touched}
+        runs = self.state.runs
+        yield from (run for run in touched if run.under_way)
+        yield from (runs[u] for u in self.state.ready_next if u not in seen)
+        yield from (run for run in touched if not run.under_way)
+        yield from (runs[u] for u in self.state.ready_first if u not in seen)
 
     def end_phase(self, phase: Phase) -> None:
         pass

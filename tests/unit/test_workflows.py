@@ -424,3 +424,17 @@ def test_a_run_under_way_has_its_next_step_claimed_before_runs_not_yet_begun() -
     (then,) = world.claim(spot)
     assert then.task_id == workflow_task_id(second, "reserve")
     assert world.processor.state(OpenRuns).claimable_count(T0.timestamp(), 10) == 1  # third's
+
+
+def test_a_run_started_in_the_batch_does_not_go_before_a_run_under_way() -> None:
+    world = World()
+    spot = world.spot()
+    first = world.run(run_id="first")
+    (reserve,) = world.claim(spot)
+    assert world.complete(reserve, spot) == TaskReported()  # provision READY, held
+    started, claimed = world.processor.process(
+        [StartRun("ops", "release", "new", '{"region": "eu"}'), ClaimTasks(spot, 1)], T0
+    )
+    assert isinstance(started, RunStarted) and started.created
+    assert isinstance(claimed, Claimed)
+    assert [t.task_id for t in claimed.tasks] == [workflow_task_id(first, "provision")]

@@ -293,7 +293,7 @@ async def test_a_failed_claim_that_was_not_stored_releases_nothing(
 async def test_a_task_that_becomes_claimable_wakes_one_waiting_claim_the_longest_waiting(
     spot_job: tuple[GroupCommitWriter, FakeStore, str],
 ) -> None:
-    writer, fake, spot = spot_job
+    writer, _, spot = spot_job
     taken = await writer.submit(ClaimTasks(spot, 5))
     assert isinstance(taken, Claimed) and len(taken.tasks) == 5  # nothing claimable now
     woken: list[int] = []
