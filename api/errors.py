@@ -40,6 +40,30 @@ def answer(resp: Response, result: Result, *, failing: bool = False) -> None:
     RESPONSES[type(result)](resp, result, failing)
 
 
+def answer_with_claim(
+    resp: Response, report: Result | BaseException, claim: Result | BaseException, *, failing: bool
+) -> None:
+    """Answer a report decided with a claim: the report's status and body, plus the
+    claimed ``tasks`` (and ``claimError`` when the claim was refused), even when the
+    report was refused: the claimed tasks are the spot's now."""
+    if isinstance(claim, BaseException) and not isinstance(claim, Exception):
+        raise claim  # cancelled
+    extra: dict[str, Any] = {"tasks": _claimed_tasks(claim) if isinstance(claim, Claimed) else []}
+    if isinstance(claim, Exception):
+        extra["claimError"] = str(http_error(claim).description or claim)
+    try:
+        if isinstance(report, BaseException):
+            raise report
+        answer(resp, report, failing=failing)
+    except Exception as refused:
+        error = refused if isinstance(refused, falcon.HTTPError) else http_error(refused)
+        resp.status = error.status
+        resp.media = {"success": False, "error": error.description or error.title}
+        if error.headers:
+            resp.set_headers(error.headers)
+    resp.media = {**resp.media, **extra}
+
+
 def _job_created(resp: Response, result: JobCreated, failing: bool) -> None:
     resp.status = falcon.HTTP_200 if result.replayed else falcon.HTTP_201
     resp.media = {"success": True, "jobId": result.job_id, "totalTasks": result.total_tasks}
@@ -51,11 +75,11 @@ def _spot_registered(resp: Response, result: SpotRegistered, failing: bool) -> N
 
 
 def _claimed(resp: Response, result: Claimed, failing: bool) -> None:
-    resp.media = {
-        "tasks": [
-            {"id": t.task_id, "payload": t.payload, "fenceToken": t.fence} for t in result.tasks
-        ]
-    }
+    resp.media = {"tasks": _claimed_tasks(result)}
+
+
+def _claimed_tasks(result: Claimed) -> list[dict[str, Any]]:
+    return [{"id": t.task_id, "payload": t.payload, "fenceToken": t.fence} for t in result.tasks]
 
 
 def _finished(resp: Response, result: Finished, failing: bool) -> None:
@@ -127,32 +151,24 @@ def serialize_error(req: falcon.asgi.Request, resp: Response, error: falcon.HTTP
     resp.content_type = falcon.MEDIA_JSON
 
 
-async def not_found(
-    req: falcon.asgi.Request, resp: Response, error: Exception, params: object
-) -> None:
-    raise falcon.HTTPNotFound(description=str(error))
+def _not_found(error: Exception) -> falcon.HTTPError:
+    return falcon.HTTPNotFound(description=str(error))
 
 
-async def conflict(
-    req: falcon.asgi.Request, resp: Response, error: Exception, params: object
-) -> None:
-    raise falcon.HTTPConflict(description=str(error))
+def _conflict(error: Exception) -> falcon.HTTPError:
+    return falcon.HTTPConflict(description=str(error))
 
 
-async def store_unavailable(
-    req: falcon.asgi.Request, resp: Response, error: Exception, params: object
-) -> None:
+def _store_unavailable(error: Exception) -> falcon.HTTPError:
     if isinstance(error, OutcomeUnknownError):
         description = "the event store did not confirm in time; the command may have been stored"
     else:
         description = "the event store is unavailable; nothing was written, retry shortly"
-    raise falcon.HTTPServiceUnavailable(description=description, retry_after=1)
+    return falcon.HTTPServiceUnavailable(description=description, retry_after=1)
 
 
-async def read_model_unavailable(
-    req: falcon.asgi.Request, resp: Response, error: Exception, params: object
-) -> None:
-    raise falcon.HTTPServiceUnavailable(
+def _read_model_unavailable(error: Exception) -> falcon.HTTPError:
+    return falcon.HTTPServiceUnavailable(
         description=f"the read model is unavailable ({type(error).__name__}); retry shortly",
         retry_after=1,
     )
@@ -166,10 +182,28 @@ READ_MODEL_DOWN: tuple[type[Exception], ...] = (
     redis.TimeoutError,
 )
 
-#: Exception class → its falcon error handler.
-ERROR_HANDLERS: dict[type[Exception], Any] = {
-    NotFoundError: not_found,
-    ConflictError: conflict,
-    StoreUnavailableError: store_unavailable,
-    **{error: read_model_unavailable for error in READ_MODEL_DOWN},
+#: Exception class → the HTTP error it is answered with.
+HTTP_ERRORS: dict[type[Exception], Callable[[Exception], falcon.HTTPError]] = {
+    NotFoundError: _not_found,
+    ConflictError: _conflict,
+    StoreUnavailableError: _store_unavailable,
+    **{error: _read_model_unavailable for error in READ_MODEL_DOWN},
 }
+
+
+def http_error(error: Exception) -> falcon.HTTPError:
+    """The HTTP error a domain or read-model error is answered with (500 if none is known)."""
+    for cls in type(error).__mro__:
+        if cls in HTTP_ERRORS:
+            return HTTP_ERRORS[cls](error)
+    return falcon.HTTPInternalServerError(description=f"{type(error).__name__}: {error}")
+
+
+async def _raise_http_error(
+    req: falcon.asgi.Request, resp: Response, error: Exception, params: object
+) -> None:
+    raise http_error(error)
+
+
+#: Exception class → its falcon error handler.
+ERROR_HANDLERS: dict[type[Exception], Any] = dict.fromkeys(HTTP_ERRORS, _raise_http_error)

@@ -20,7 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from api import validation as v
-from api.errors import answer
+from api.errors import answer, answer_with_claim
 from domain.family import Command, Result
 from domain.ids import job_id as public_job_id
 from domain.jobs import CompleteTask, CreateJob, FailTask
@@ -456,7 +456,7 @@ class TaskReports:
                 fopt=v.number(body, "fopt"),
                 result_json=result_json,
             )
-        answer(resp, await submit(self.ctx, req, command))
+        await self._report(req, resp, body, spot, command)
 
     async def on_post_fail(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, task_id: str
@@ -467,11 +467,41 @@ class TaskReports:
         error = str(v.text(body, "error", required=False, max_len=8192, default=""))
         retriable = v.boolean(body, "retriable", default=True)
         kind = FailWorkflowTask if task_id.startswith(WORKFLOW_TASK_PREFIX) else FailTask
-        answer(
-            resp,
-            await submit(self.ctx, req, kind(task_id, spot, fence, error, retriable)),
-            failing=True,
+        await self._report(
+            req, resp, body, spot, kind(task_id, spot, fence, error, retriable), failing=True
         )
+
+    async def _report(
+        self,
+        req: falcon.asgi.Request,
+        resp: falcon.asgi.Response,
+        body: dict[str, Any],
+        spot: str,
+        command: Command,
+        failing: bool = False,
+    ) -> None:
+        """Decide a report; with ``claimNext`` (1-100), also a claim of that many tasks for
+        the same spot, in the same batch: the next step a completion made claimable is
+        in the answer, with no claim round trip. The claim stands whatever the report's
+        answer, so its tasks are in every answer (``tasks``; ``claimError`` if refused)."""
+        claim_next = int(v.integer(body, "claimNext", required=False, low=0, high=100) or 0)
+        if not claim_next:
+            answer(resp, await submit(self.ctx, req, command), failing=failing)
+            return
+        gone = asyncio.ensure_future(_disconnected(req)())  # one reader of the ASGI receive
+
+        async def disconnected() -> None:
+            await asyncio.shield(gone)
+
+        try:
+            report, claim = await asyncio.gather(
+                self.ctx.writer.submit(command, disconnected),
+                self.ctx.writer.submit(ClaimTasks(spot, claim_next), disconnected),
+                return_exceptions=True,
+            )
+        finally:
+            gone.cancel()
+        answer_with_claim(resp, report, claim, failing=failing)
 
     async def on_post_renew(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, task_id: str

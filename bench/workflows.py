@@ -118,7 +118,7 @@ def address(base: str) -> tuple[str, int]:
 # ---- the load processes (this file with --load-proc) -------------------------------------------
 
 
-async def load_proc(base: str, spots: int, wait_ms: int) -> None:
+async def load_proc(base: str, spots: int, wait_ms: int, claim_next: bool) -> None:
     """``spots`` spots claiming and completing until told to stop on stdin.
 
     Writes ``ready`` once every spot said hello, ``D`` for each run whose last
@@ -129,7 +129,13 @@ async def load_proc(base: str, spots: int, wait_ms: int) -> None:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     records: list[tuple[str, str, float, float]] = []
-    counters = {"claims": 0, "empty_claims": 0, "claim_errors": 0, "refused_completes": 0}
+    counters = {
+        "claims": 0,
+        "empty_claims": 0,
+        "claim_errors": 0,
+        "refused_completes": 0,
+        "tasks_with_report": 0,
+    }
     claim_ms: list[float] = []
     complete_ms: list[float] = []
     out = sys.stdout
@@ -163,35 +169,41 @@ async def load_proc(base: str, spots: int, wait_ms: int) -> None:
 
     async def work(conn: Connection, spot_id: str) -> None:
         claim = {"spotId": spot_id, "maxTasks": 1, "waitMs": wait_ms}
+        held: list[tuple[dict[str, Any], float]] = []  # tasks in hand, and when they came
         while True:
-            sent = now()
-            status, answer = await conn.request("POST", "/internal/v1/tasks/claim", claim)
-            got = now()
-            counters["claims"] += 1
-            if status != 200:
-                counters["claim_errors"] += 1
-                await asyncio.sleep(0.05)
-                continue
-            tasks = answer["tasks"]
-            if not tasks:
-                counters["empty_claims"] += 1
-                continue
-            claim_ms.append((got - sent) * 1000)
-            for task in tasks:
-                payload = orjson.loads(task["payload"])
-                body = {"spotId": spot_id, "fenceToken": task["fenceToken"], "output": {}}
+            if not held:
                 sent = now()
-                status, answer = await conn.request(
-                    "POST", f"/internal/v1/tasks/{task['id']}/complete", body
-                )
-                acked = now()
+                status, answer = await conn.request("POST", "/internal/v1/tasks/claim", claim)
+                got = now()
+                counters["claims"] += 1
                 if status != 200:
-                    counters["refused_completes"] += 1
+                    counters["claim_errors"] += 1
+                    await asyncio.sleep(0.05)
                     continue
-                complete_ms.append((acked - sent) * 1000)
-                records.append((payload["instanceId"], payload["taskId"], got, acked))
-                if payload["taskId"] == STEPS[-1]:
-                    emit(f"D {payload['instanceId']}")
+                if not answer["tasks"]:
+                    counters["empty_claims"] += 1
+                    continue
+                claim_ms.append((got - sent) * 1000)
+                held = [(task, got) for task in answer["tasks"]]
+            task, got = held.pop(0)
+            payload = orjson.loads(task["payload"])
+            body = {"spotId": spot_id, "fenceToken": task["fenceToken"], "output": {}}
+            if claim_next:  # as the reference worker: the report claims for the slot it frees
+                body["claimNext"] = 1
+            sent = now()
+            status, answer = await conn.request(
+                "POST", f"/internal/v1/tasks/{task['id']}/complete", body
+            )
+            acked = now()
+            held += [(t, acked) for t in answer.get("tasks", [])]
+            counters["tasks_with_report"] += len(answer.get("tasks", []))
+            if status != 200:
+                counters["refused_completes"] += 1
+                continue
+            complete_ms.append((acked - sent) * 1000)
+            records.append((payload["instanceId"], payload["taskId"], got, acked))
+            if payload["taskId"] == STEPS[-1]:
+                emit(f"D {payload['instanceId']}")
 
     conns = [Connection(host, port) for _ in range(spots)]
     ids = [await hello(c) for c in conns]
@@ -233,7 +245,9 @@ class Loads:
         self.results: list[dict[str, Any]] = []
         self.readers: list[asyncio.Task[None]] = []
 
-    async def start(self, base: str, workers: int, procs: int, wait_ms: int) -> None:
+    async def start(
+        self, base: str, workers: int, procs: int, wait_ms: int, claim_next: bool
+    ) -> None:
         shares = [workers // procs + (1 if i < workers % procs else 0) for i in range(procs)]
         for share in shares:
             proc = await asyncio.create_subprocess_exec(
@@ -246,6 +260,7 @@ class Loads:
                 str(share),
                 "--wait-ms",
                 str(wait_ms),
+                *([] if claim_next else ["--no-claim-next"]),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=1 << 28,
@@ -526,7 +541,7 @@ async def tadpole(args: argparse.Namespace, base: str, stack_pid: int) -> dict[s
         raise SystemExit(f"registering the workflow: {status} {body}")
     loads = Loads()
     try:
-        await loads.start(base, args.workers, args.procs, args.wait_ms)
+        await loads.start(base, args.workers, args.procs, args.wait_ms, not args.no_claim_next)
         load_pids = [p.pid for p in loads.procs]
         if args.warmup:
             log(f"warm-up: {args.warmup} runs")
@@ -575,6 +590,7 @@ async def tadpole(args: argparse.Namespace, base: str, stack_pid: int) -> dict[s
         "workers": args.workers,
         "load_processes": args.procs,
         "wait_ms": args.wait_ms,
+        "claim_next": not args.no_claim_next,
         "starters": args.starters,
         "backlog": backlog_fig,
         "claim_with_task_incl_long_poll_wait": summarize(
@@ -703,6 +719,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=24, help="Tadpole spots; DBOS's concurrency")
     parser.add_argument("--procs", type=int, default=2, help="load processes for the spots (2)")
     parser.add_argument("--wait-ms", type=int, default=5000, help="claims' waitMs (5000)")
+    parser.add_argument(
+        "--no-claim-next",
+        action="store_true",
+        help="complete without claimNext (a claim request for every task)",
+    )
     parser.add_argument("--starters", type=int, default=16, help="connections starting runs (16)")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured runs first (200)")
     parser.add_argument("--sample", type=int, default=50, help="runs read back at the end (50)")
@@ -723,7 +744,7 @@ def main() -> None:
 
     if args.load_proc:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver stops us
-        uvloop.run(load_proc(args.base, args.workers, args.wait_ms))
+        uvloop.run(load_proc(args.base, args.workers, args.wait_ms, not args.no_claim_next))
         return
 
     with stack_up("wfb") as (_, base, stack):

@@ -186,6 +186,9 @@ class Worker:
         self.slot_freed = asyncio.Event()
         self._registering = asyncio.Lock()
         self.refused = False
+        #: True while a claim is out: a report then asks for no next task (the claim
+        #: was sized for the free slots already).
+        self.polling = False
 
     # ---- the life of a worker ------------------------------------------------------------
 
@@ -336,6 +339,7 @@ class Worker:
             spot = self.spot
             body = {"spotId": spot, "maxTasks": min(free, 100), "waitMs": self.config.wait_ms}
             try:
+                self.polling = True
                 answered = await self._until_stopped(
                     self._post(
                         "/internal/v1/tasks/claim", body, timeout=self.config.wait_ms / 1000 + 10
@@ -345,6 +349,8 @@ class Worker:
                 log.warning("claim: %s cannot be reached (%s)", self.config.url, error)
                 await self._pause(backoff.pause())
                 continue
+            finally:
+                self.polling = False
             if answered is None:  # stopped while the long poll waited
                 return
             status, answer = answered
@@ -517,6 +523,10 @@ class Worker:
         else:
             body.update(error=outcome.error[:8000], retriable=outcome.retriable)
         path = f"/internal/v1/tasks/{quote(held.id, safe='~')}/{verb}"
+        # Every slot busy and no claim out: the report also claims the task for the slot
+        # it frees, in the same batch (the next step of a chain, often).
+        if not (self.polling or self.stopping.is_set() or held.given_back):
+            body["claimNext"] = 1
         backoff = Backoff()
         patience = GIVE_BACK_PATIENCE if held.given_back else self.config.report_patience
         deadline = asyncio.get_running_loop().time() + patience
@@ -525,6 +535,8 @@ class Worker:
                 status, answer = await self._post(path, body)
             except _transport_errors() as error:
                 status, answer = 0, {"error": f"the API cannot be reached ({error})"}
+            for task in answer.get("tasks", []):  # claimed with the report: ours now
+                self._start(held.spot, task)
             if status == 200:
                 if isinstance(outcome, Fail):
                     log.warning(

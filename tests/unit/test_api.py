@@ -996,6 +996,71 @@ def test_complete_by_another_spot_is_409(api: Api) -> None:
     assert api.position() == stored
 
 
+def test_complete_with_claim_next_answers_with_the_next_tasks(api: Api) -> None:
+    api.job(small_job(3))
+    spot = api.hello()
+    (task,) = api.claim(spot)
+
+    result = api.complete(task["id"], spot, fenceToken=task["fenceToken"], claimNext=5)
+
+    assert result.status_code == 200
+    assert result.json["success"] is True
+    assert len(result.json["tasks"]) == 2  # the other two, now this spot's
+    assert [set(t) for t in result.json["tasks"]] == [{"id", "payload", "fenceToken"}] * 2
+    assert task["id"] not in {t["id"] for t in result.json["tasks"]}
+    assert api.claim(spot, 5) == []
+
+
+def test_a_refused_report_still_answers_the_tasks_its_claim_took(api: Api) -> None:
+    api.job(small_job(2))
+    holder, other = api.hello(), api.hello()
+    (task,) = api.claim(holder)
+
+    result = api.complete(task["id"], other, claimNext=1)  # not other's task: refused
+
+    assert result.status_code == 409
+    assert result.json["error"] == "task not assigned to this spot"
+    assert len(result.json["tasks"]) == 1  # the claim stands: the task is other's now
+    assert api.claim(other, 5) == []
+
+
+def test_a_refused_claim_next_says_why_beside_the_report(api: Api) -> None:
+    api.job()
+    spot = api.hello()
+    (task,) = api.claim(spot)
+    stranger = spot_id(uuid4())
+
+    result = api.fail(task["id"], spot, fenceToken=task["fenceToken"], claimNext=1)
+    unknown = api.complete(task["id"], stranger, claimNext=1)
+
+    assert (result.status_code, result.json["success"]) == (200, True)
+    assert result.json["willRetry"] is True and len(result.json["tasks"]) == 1
+    assert unknown.status_code == 409
+    assert unknown.json["tasks"] == [] and unknown.json["claimError"] == "spot not found"
+
+
+@pytest.mark.parametrize(
+    ("claim_next", "message"),
+    [
+        (101, "claimNext must be at most 100"),
+        ("1", "claimNext must be an integer"),
+        (-1, "claimNext must be at least 0"),
+    ],
+)
+def test_an_invalid_claim_next_is_400_and_reports_nothing(
+    api: Api, claim_next: Any, message: str
+) -> None:
+    api.job()
+    spot = api.hello()
+    (task,) = api.claim(spot)
+    stored = api.position()
+
+    result = api.complete(task["id"], spot, claimNext=claim_next)
+
+    assert (result.status_code, result.json) == (400, error(message))
+    assert api.position() == stored
+
+
 def test_complete_of_an_unclaimed_task_is_409(api: Api) -> None:
     job = api.job()
     spot = api.hello()

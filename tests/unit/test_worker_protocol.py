@@ -71,9 +71,13 @@ class FakeApi:
             return httpx.Response(200, json={"tasks": taken})
         if path.endswith("/renew"):
             return httpx.Response(200, json={"success": True})
+        answer: dict[str, Any] = {"success": True}
         if path.endswith("/fail"):
-            return httpx.Response(200, json={"success": True, "willRetry": True})
-        return httpx.Response(200, json={"success": True})
+            answer["willRetry"] = True
+        if body.get("claimNext"):  # a report that also claims, as the API answers it
+            n = body["claimNext"]
+            answer["tasks"], self.tasks = self.tasks[:n], self.tasks[n:]
+        return httpx.Response(200, json=answer)
 
     async def until(self, condition: Callable[[], Any], timeout: float = 5.0) -> Any:
         async def wait() -> Any:
@@ -96,13 +100,25 @@ async def test_a_claimed_callable_task_is_completed_with_its_output() -> None:
     w = worker(api, key="k")
     running = asyncio.ensure_future(w.run())
     (done,) = await api.until(lambda: api.seen("/wtask-1-a/complete"))
-    assert done == {"spotId": "spot-1", "fenceToken": 1, "output": {"doubled": 42}}
+    assert done == {"spotId": "spot-1", "fenceToken": 1, "output": {"doubled": 42}, "claimNext": 1}
     w.stop()
     assert await running == 0
     hello = api.requests[0]
     assert hello[0] == "/internal/v1/hello" and "ipAddress" in hello[1]
     assert api.seen("/claim")[0] == {"spotId": "spot-1", "maxTasks": 1, "waitMs": 30000}
     assert api.keys == {"k"}  # on every request
+
+
+async def test_a_report_claims_the_next_task_for_the_slot_it_frees_and_runs_it() -> None:
+    api = FakeApi([workflow_task("a", "double", n=1), workflow_task("b", "double", n=2)])
+    w = worker(api)  # concurrency 1: the claim takes a, the report of a takes b
+    running = asyncio.ensure_future(w.run())
+    (done,) = await api.until(lambda: api.seen("/wtask-1-b/complete"))
+    assert done["output"] == {"doubled": 4}
+    assert [len(api.seen(f"/wtask-1-{t}/complete")) for t in "ab"] == [1, 1]
+    w.stop()
+    assert await running == 0
+    assert api.seen("/wtask-1-a/complete")[0]["claimNext"] == 1
 
 
 async def test_a_heartbeat_answered_404_registers_again_and_claims_as_the_new_spot() -> None:
