@@ -50,6 +50,10 @@ BATCH = 1000
 #: Longest a caught-up relay waits for an append's notification before it looks
 #: again (and notices a stop, or a dead letter to re-send).
 IDLE_WAKE = 0.5
+#: How long a woken relay lets appends gather before it reads them: the events of
+#: a few batches go out as one produce request, and the broker and the projectors
+#: see one round of requests for them instead of one each.
+GATHER = 0.01
 #: Dead letters someone asked to re-send are looked for this often (s).
 RETRY_EVERY = 2.0
 #: Broker answers that no retry can change: the message itself is refused.
@@ -318,8 +322,8 @@ class Relay:
         """Caught up: wait for the next append (or poll, without wakeups)."""
         if self.wakeups is None:
             self.stopping.wait(self.idle_wait)
-        elif not self.stopping.is_set():
-            self.wakeups.wait(IDLE_WAKE)
+        elif not self.stopping.is_set() and self.wakeups.wait(IDLE_WAKE):
+            self.stopping.wait(GATHER)
 
     def relay_once(self, after: int) -> int:
         """Relay one batch after ``after`` and confirm it; the new position (0: nothing new)."""

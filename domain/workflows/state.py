@@ -124,9 +124,21 @@ class WorkflowsWork:
     def __init__(self, state: OpenRuns, uow: UnitOfWork):
         self.state = state
         self.uow = uow
+        #: Runs this batch changed, in order; and those of them whose tasks a claim
+        #: may take: under way, and not yet begun (see :meth:`_offered`).
+        self.changed: dict[UUID, WorkflowRun] = {}
+        self.next_up: dict[UUID, WorkflowRun] = {}
+        self.fresh: dict[UUID, WorkflowRun] = {}
 
     def _run(self, uuid: UUID) -> WorkflowRun | None:
         return self.uow.get(uuid, WorkflowRun)
+
+    def _add(self, run: WorkflowRun) -> None:
+        """Store the run's new events with the batch, and offer its tasks first."""
+        self.uow.add(run)
+        self.changed[run.id] = run
+        if not run.is_final:
+            (self.next_up if run.under_way else self.fresh)[run.id] = run
 
     def _change(
         self, uuid: UUID, change: Callable[[WorkflowRun], Result | None], done: Result = None
@@ -142,7 +154,7 @@ class WorkflowsWork:
             return NotFoundError(str(error))
         except RunError as error:
             return ConflictError(str(error))
-        self.uow.add(run)
+        self._add(run)
         if result is not None:
             return result
         return done if done is not None else Ok()
@@ -176,7 +188,7 @@ class WorkflowsWork:
         if definition is None:
             return NotFoundError(f"workflow {c.namespace}/{c.name} is not registered")
         run = WorkflowRun.start(uuid, definition, c.run_id, c.input, self.uow.now)
-        self.uow.add(run)
+        self._add(run)
         return RunStarted(uuid, created=True)
 
     def pause(self, c: PauseRun) -> Result:
@@ -242,9 +254,9 @@ class WorkflowsWork:
 
     def _running(self) -> list[WorkflowRun]:
         """The open runs with a RUNNING task, in this batch's version."""
-        touched = {a.id: a for a in self.uow.touched.values() if isinstance(a, WorkflowRun)}
-        held = (self.state.runs[u] for u in self.state.running if u not in touched)
-        return [run for run in touched.values() if not run.is_final] + list(held)
+        changed = self.changed
+        held = (self.state.runs[u] for u in self.state.running if u not in changed)
+        return [run for run in changed.values() if not run.is_final] + list(held)
 
     def fire_timers(self, c: FireTimers) -> Result:
         fired: list[str] = []
@@ -252,7 +264,7 @@ class WorkflowsWork:
         for run in self._running():
             for task, reason in run.due(ts):
                 run.expire(task.id, reason, self.state.jitter(), self.uow.now)
-                self.uow.add(run)
+                self._add(run)
                 fired.append(workflow_task_id(run.id, task.id))
         return Reaped(tasks=fired)
 
@@ -263,7 +275,7 @@ class WorkflowsWork:
             for task in list(run.tasks.values()):
                 if task.status == RUNNING and task.holder is not None and due(task.holder, 0.0):
                     run.expire(task.id, reason, self.state.jitter(), self.uow.now)
-                    self.uow.add(run)
+                    self._add(run)
                     released.append(workflow_task_id(run.id, task.id))
         return released
 
@@ -275,6 +287,7 @@ class WorkflowsWork:
             for task in run.claimable(ts):
                 fence = run.claim(task.id, holder, self.state.lease_seconds, self.uow.now)
                 self.uow.add(run)
+                self.changed[run.id] = run
                 claimed.append(
                     ClaimedTask(workflow_task_id(run.id, task.id), _payload(run, task.id), fence)
                 )
@@ -286,21 +299,32 @@ class WorkflowsWork:
         """The runs whose tasks claims take, in order: runs under way before runs not yet
         begun (a run's next step is not queued behind every run started after it), and
         within each, those this batch changed first (the next step of a chain goes out
-        in the batch that completed the last), then the longest ready."""
-        touched = [a for a in self.uow.touched.values() if isinstance(a, WorkflowRun)]
-        touched = [run for run in touched if not run.is_final]
-        seen = {run.id for run in touched}
-        runs = self.state.runs
-        yield from (run for run in touched if run.under_way)
-        yield from (runs[u] for u in self.state.ready_next if u not in seen)
-        yield from (run for run in touched if not run.under_way)
-        yield from (runs[u] for u in self.state.ready_first if u not in seen)
+        in the batch that completed the last), then the longest ready. A run of this
+        batch with nothing left to claim is dropped from its list as it is passed."""
+        runs, changed = self.state.runs, self.changed
+        yield from _draining(self.next_up, self.uow.ts)
+        yield from (runs[u] for u in self.state.ready_next if u not in changed)
+        yield from _draining(self.fresh, self.uow.ts)
+        yield from (runs[u] for u in self.state.ready_first if u not in changed)
 
     def end_phase(self, phase: Phase) -> None:
         pass
 
     def commit(self) -> None:
         pass
+
+
+def _draining(runs: dict[UUID, WorkflowRun], ts: float) -> Iterator[WorkflowRun]:
+    """The runs of ``runs`` with a claimable task, first first; each is taken out once
+    it has nothing claimable left (a claim takes every claimable task of a run it is
+    handed, or stops)."""
+    while runs:
+        uuid = next(iter(runs))
+        run = runs[uuid]
+        if run.claimable(ts):
+            yield run
+        if not run.claimable(ts):
+            runs.pop(uuid, None)
 
 
 # ---- what each command may load from the store (Family.reads) ---------------------------

@@ -457,7 +457,7 @@ class PostgresReadModel:
         return gaps
 
     def _write(self, cur: psycopg.Cursor[Any], c: _Changes) -> None:
-        for statement, params in c.workflow:
+        for statement, params in workflow_tables.in_bulk(c.workflow):
             cur.execute(self.q(statement), params)
         if c.jobs:
             cur.executemany(

@@ -4,8 +4,9 @@
 ``task_executions`` (one row per attempt of a task), ``execution_leases`` (one
 row per task: its current holder, expiry and fence) and ``events`` (one row per
 run event), plus ``workflow_definitions``. Each event becomes statements run in
-event order inside the projector's transaction; the ``applied`` table makes a
-redelivered event change nothing. A lease holder is a spot id (text), not the
+event order inside the projector's transaction (the ``events`` rows and the
+sequence numbers of a batch gathered into one statement each: :func:`in_bulk`);
+the ``applied`` table makes a redelivered event change nothing. A lease holder is a spot id (text), not the
 seed's UUID: Tadpole's workers are spots.
 """
 
@@ -105,27 +106,52 @@ def _version_registered(m: EventMessage) -> list[Statement]:
     ]
 
 
+#: Stand-ins for statements that :func:`in_bulk` gathers into one per batch: a row of
+#: ``events``, and an instance's sequence number.
+EVENT_ROW = "-- an events row"
+SEQUENCE = "-- a sequence number"
+
+
 def _run_event(m: EventMessage) -> list[Statement]:
     """Every run event: a row in ``events``, and the instance's sequence number."""
     run = m.aggregate_id
-    return [
-        (
-            "INSERT INTO {schema}.events VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+    row = (uuid5(_EVENTS, f"{run}:{m.version}"), run, m.version, m.type, f"{run}:{m.version}")
+    return [(EVENT_ROW, (*row, m.timestamp)), (SEQUENCE, (run, m.version))]
+
+
+def in_bulk(statements: list[Statement]) -> list[Statement]:
+    """A batch's statements in event order, but every ``events`` row in one INSERT and
+    every instance's sequence number in one UPDATE, after the rest (the rows they
+    refer to are inserted by then; neither is read by another statement)."""
+    kept: list[Statement] = []
+    rows: list[tuple[Any, ...]] = []
+    sequence: dict[UUID, int] = {}
+    for statement in statements:
+        if statement[0] is EVENT_ROW:
+            rows.append(statement[1])
+        elif statement[0] is SEQUENCE:
+            run, version = statement[1]
+            sequence[run] = max(version, sequence.get(run, 0))
+        else:
+            kept.append(statement)
+    if rows:
+        kept.append(
             (
-                uuid5(_EVENTS, f"{run}:{m.version}"),
-                run,
-                m.version,
-                m.type,
-                f"{run}:{m.version}",
-                m.timestamp,
-            ),
-        ),
-        (
-            "UPDATE {schema}.workflow_instances SET sequence_number = %s "
-            "WHERE instance_id = %s AND sequence_number < %s",
-            (m.version, run, m.version),
-        ),
-    ]
+                "INSERT INTO {schema}.events SELECT * FROM unnest(%s::uuid[], %s::uuid[], "
+                "%s::bigint[], %s::text[], %s::text[], %s::timestamptz[]) ON CONFLICT DO NOTHING",
+                tuple(list(column) for column in zip(*rows, strict=True)),
+            )
+        )
+    if sequence:
+        kept.append(
+            (
+                "UPDATE {schema}.workflow_instances AS i SET sequence_number = s.version "
+                "FROM unnest(%s::uuid[], %s::bigint[]) AS s(id, version) "
+                "WHERE i.instance_id = s.id AND i.sequence_number < s.version",
+                (list(sequence), list(sequence.values())),
+            )
+        )
+    return kept
 
 
 def _started(m: EventMessage) -> list[Statement]:

@@ -431,6 +431,14 @@ def test_read_models_fed_through_kafka_equal_a_rebuild_from_the_store(env: Env) 
     assert states == ["CANCELLED", "CANCELLED", "COMPLETED", "COMPLETED"]
     assert {row[5] for row in postgres_rows["task_executions"]} >= {"COMPLETED", "FAILED"}
     assert len(postgres_rows["events"]) > 10 and postgres_rows["execution_leases"]
+    # Each instance's sequence number is its run's version, and each event has its row.
+    numbers: dict[Any, list[int]] = {}
+    for row in postgres_rows["events"]:
+        numbers.setdefault(row[1], []).append(row[2])
+    for row in postgres_rows["workflow_instances"]:
+        version = len(env.store.stored_events(UUID(str(row[0]))))
+        assert row[6] == version, row
+        assert sorted(numbers[row[0]]) == list(range(1, version + 1))
     assert redis_keys[":workflow_runs"] == {"RUNNING": "0", "COMPLETED": "2", "CANCELLED": "2"}
     others = [
         k
