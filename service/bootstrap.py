@@ -31,6 +31,7 @@ from service.wiring import open_store
 from service.writer import GroupCommitWriter
 from streaming.broker import broker_reachable
 from streaming.health import PipelineStatus
+from streaming.topics import TopicCatalogue
 
 if TYPE_CHECKING:
     from streaming.consumer import Projector
@@ -141,14 +142,13 @@ class Tadpole:
     def relay(self, store: TadpoleStore, bootstrap_servers: str) -> Relay:
         from projections.redis.dashboards import LagSamples
         from streaming.relay import Relay, RelayPosition, StoreWakeups
-        from streaming.topics import TopicCatalogue
 
         s = self.settings
         return Relay(
             store,
             RelayPosition(s.database_url, s.store_schema),
             bootstrap_servers,
-            TopicCatalogue(s.topic_prefix),
+            topic_catalogue(s),
             lag=LagSamples(s.redis_url, s.redis_prefix, "relay"),
             wakeups=(
                 StoreWakeups(s.database_url, store.recorder.channel_name)
@@ -161,7 +161,6 @@ class Tadpole:
         from projections.postgres.tables import PostgresReadModel
         from projections.redis.dashboards import LagSamples, RedisReadModel
         from streaming.consumer import Projector, ReadModel, StoreReader
-        from streaming.topics import TopicCatalogue
 
         s = self.settings
         model: ReadModel
@@ -173,7 +172,7 @@ class Tadpole:
             model,
             store,
             bootstrap_servers,
-            TopicCatalogue(s.topic_prefix),
+            topic_catalogue(s),
             lag=LagSamples(s.redis_url, s.redis_prefix, which),
         )
 
@@ -217,3 +216,8 @@ def bootstrap(
         writer=writer,
         run_reapers=run_reapers,
     )
+
+
+def topic_catalogue(settings: Settings) -> TopicCatalogue:
+    """The deployment's topics: their prefix, and their partitions when set."""
+    return TopicCatalogue(settings.topic_prefix, settings.topic_partitions)

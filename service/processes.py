@@ -266,8 +266,8 @@ class Supervisor:
 
 def run_up(settings: Settings) -> int:
     """Everything in one process tree; the embedded broker when no Kafka is configured."""
+    from service.bootstrap import topic_catalogue
     from streaming.broker import EmbeddedBroker
-    from streaming.topics import TopicCatalogue
 
     configure_logging(settings)
     broker: EmbeddedBroker | None = None
@@ -276,8 +276,15 @@ def run_up(settings: Settings) -> int:
         print("starting the embedded Kafka-protocol broker (Tansu, memory-only)...", flush=True)
         broker = EmbeddedBroker()
         broker.start()
-        kept.append(BrokerKeeper(broker, TopicCatalogue(settings.topic_prefix)))
-        settings = settings.with_changes(kafka_bootstrap_servers=broker.bootstrap_servers)
+        # Each partition costs the embedded broker work in every fetch of every
+        # consumer: with one partition per topic it used a seventh of the CPU per
+        # workflow run (bench/workflows.py), and one projector per read model needs
+        # no more. Kafka (compose.yaml) keeps the production counts.
+        settings = settings.with_changes(
+            kafka_bootstrap_servers=broker.bootstrap_servers,
+            topic_partitions=settings.topic_partitions or 1,
+        )
+        kept.append(BrokerKeeper(broker, topic_catalogue(settings)))
     open_store(settings).close()  # create the store's schema and tables once, up front
     me = [sys.executable, "-m", "service.cli"]
     supervisor = Supervisor(

@@ -43,6 +43,11 @@ def _positive(kind: type[int] | type[float]) -> Parse:
 INT, FLOAT = _positive(int), _positive(float)
 
 
+def OPTIONAL_INT(raw: str) -> int:  # a parser, named like INT
+    """A positive integer; 0 when unset (or 0)."""
+    return int(INT(raw)) if raw not in ("", "0") else 0
+
+
 def setting(
     name: str, default: str, meaning: str, parse: Parse = str, *, also: Variable | None = None
 ) -> Any:
@@ -105,6 +110,13 @@ class Settings:
     )
     topic_prefix: str = setting(
         "TADPOLE_TOPIC_PREFIX", "tadpole", "prefix of every Kafka topic and consumer group"
+    )
+    topic_partitions: int = setting(
+        "TADPOLE_TOPIC_PARTITIONS",
+        "",
+        "partitions of each event topic it creates; unset or 0: 6 (workload) and 4 "
+        "(agent_lifecycle) on Kafka, 1 on the embedded broker",
+        OPTIONAL_INT,
     )
     max_sweep_tasks: int = setting(
         "TADPOLE_MAX_SWEEP_TASKS", "100000", "largest job a sweep may create", INT

@@ -135,6 +135,8 @@ class TopicCatalogue:
     """
 
     prefix: str = "tadpole"
+    #: Partitions of every event topic; 0: each topic's own count (:data:`TOPIC_SETTINGS`).
+    partitions: int = 0
 
     def __post_init__(self) -> None:
         if not _LEGAL_NAME.fullmatch(self.prefix) or len(self.prefix) > _MAX_NAME:
@@ -160,12 +162,12 @@ class TopicCatalogue:
 
     @property
     def workload(self) -> str:
-        """Job and task events, keyed by aggregate id (6 partitions)."""
+        """Job, task and workflow events, keyed by aggregate id (6 partitions unless set)."""
         return self.topic("workload")
 
     @property
     def agent_lifecycle(self) -> str:
-        """Spot (agent) events, keyed by aggregate id (4 partitions)."""
+        """Spot (agent) events, keyed by aggregate id (4 partitions unless set)."""
         return self.topic("agent_lifecycle")
 
     @property
@@ -195,7 +197,10 @@ class TopicCatalogue:
         def config(retention_ms: int) -> dict[str, str]:
             return {"retention.ms": str(retention_ms), "cleanup.policy": "delete"}
 
-        events = [TopicSpec(self.topic(name), *_settings(name, config)) for name in registry.TOPICS]
+        events = [
+            TopicSpec(self.topic(name), *_settings(name, config, self.partitions))
+            for name in registry.TOPICS
+        ]
         dead_letter = config(DEAD_LETTER_RETENTION_MS)
         letters = [
             TopicSpec(self.dead_letter(spec.name), DEAD_LETTER_PARTITIONS, dead_letter)
@@ -204,9 +209,9 @@ class TopicCatalogue:
         return (*events, *letters)
 
 
-def _settings(name: str, config: Any) -> tuple[int, dict[str, str]]:
-    partitions, retention_ms = TOPIC_SETTINGS[name]
-    return partitions, config(retention_ms)
+def _settings(name: str, config: Any, partitions: int) -> tuple[int, dict[str, str]]:
+    own, retention_ms = TOPIC_SETTINGS[name]
+    return partitions or own, config(retention_ms)
 
 
 def ensure_topics(bootstrap_servers: str, catalogue: TopicCatalogue, timeout: float = 10.0) -> None:

@@ -55,7 +55,7 @@ def _read_topics(bootstrap: str, topics: TopicCatalogue) -> dict[TopicPartition,
         }
     )
     codec = Codec()
-    counts = {topics.workload: 6, topics.agent_lifecycle: 4}
+    counts = {s.name: s.partitions for s in topics.specs() if s.name in topics.event_topics}
     partitions = [TopicPartition(t, p) for t, n in counts.items() for p in range(n)]
     found: dict[TopicPartition, list[int]] = {
         TopicPartition(t.topic, t.partition): [] for t in partitions
@@ -102,7 +102,7 @@ def test_a_killed_broker_comes_back_on_its_port_and_commands_flow_again(make_sta
     broker = stack.children()["broker"]
     port = _broker_port(broker)
     bootstrap = f"127.0.0.1:{port}"
-    topics = TopicCatalogue(stack.extra["name"])
+    topics = TopicCatalogue(stack.extra["name"], partitions=1)  # `tadpole up`, embedded broker
     store = _store(stack)
     try:
         # The supervisor is paused while the broker is dead, to keep it dead for a

@@ -92,6 +92,24 @@ def test_each_event_goes_to_its_familys_topic() -> None:
     assert set(catalogue.event_topics) <= set(catalogue.all_topics)
 
 
+def test_a_deployment_may_set_every_event_topics_partitions() -> None:
+    own = {spec.name: spec.partitions for spec in TopicCatalogue("t").specs()}
+    assert own == {
+        "t.workload": 6,
+        "t.agent_lifecycle": 4,
+        "t.workload.dlq": 1,
+        "t.agent_lifecycle.dlq": 1,
+    }
+    one = {spec.name: spec.partitions for spec in TopicCatalogue("t", partitions=1).specs()}
+    assert set(one.values()) == {1}
+    assert {s.name: s.partitions for s in TopicCatalogue("t", partitions=3).specs()} == {
+        "t.workload": 3,
+        "t.agent_lifecycle": 3,
+        "t.workload.dlq": 1,
+        "t.agent_lifecycle.dlq": 1,
+    }
+
+
 def test_every_command_has_exactly_one_handler() -> None:
     commands = [c for f in registry.FAMILIES for c in f.handlers]
     assert len(commands) == len(set(commands))

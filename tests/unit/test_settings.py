@@ -45,6 +45,7 @@ def test_a_child_process_gets_every_setting_changed() -> None:
         "TADPOLE_COMMAND_TIMEOUT": "9.5",
         "TADPOLE_LEASE_SECONDS": "12",
         "TADPOLE_TIMER_INTERVAL": "0.5",
+        "TADPOLE_TOPIC_PARTITIONS": "2",
         "TADPOLE_LOG_LEVEL": "debug",
     }
     settings = load_settings(changed)
