@@ -131,6 +131,8 @@ class Family:
         name: The family's name, e.g. ``"jobs"``.
         events: Every event class the family stores.
         topic: The topic catalogue's name for the topic its events go to.
+        topics: Event class → another topic for it than ``topic`` (an agent's
+            performance figures go to ``performance_metrics``).
         handlers: Command class → handler, a method of the family's :class:`BatchWork`.
         phases: Command class → its :class:`Phase` (default :attr:`Phase.BEGIN`).
         results: Every result class its handlers return (the API must answer each).
@@ -176,6 +178,11 @@ class Family:
     legacy_topics: Mapping[str, type] = field(default_factory=dict)
     reads: Mapping[type, Callable[[Any], Iterable[UUID]]] = field(default_factory=dict)
     transcodings: tuple[Transcoding, ...] = ()
+    topics: Mapping[type, str] = field(default_factory=dict)
+
+    def topic_of(self, event_class: type) -> str:
+        """The catalogue's name of the topic events of ``event_class`` go to."""
+        return self.topics.get(event_class, self.topic)
 
     def __post_init__(self) -> None:
         for old, cls in self.legacy_topics.items():

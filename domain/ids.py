@@ -82,3 +82,59 @@ def job_for_key(idempotency_key: str) -> UUID:
 @lru_cache(maxsize=1 << 16)
 def block_id(job: UUID, block_number: int) -> UUID:
     return uuid5(job, f"block-{block_number}")
+
+
+# ---- agents, meshes, sagas, targets and contexts (seeds 000 and 001) -------------------
+
+AGENT_PREFIX = "agent-"
+MESH_PREFIX = "mesh-"
+SAGA_PREFIX = "saga-"
+
+#: What a target's or a context's id may be: it is chosen by the caller, appears in
+#: URLs unescaped and fits seed 000's ``VARCHAR(64)`` key.
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def agent_id(uuid: UUID) -> str:
+    return AGENT_PREFIX + uuid.hex
+
+
+def mesh_id(uuid: UUID) -> str:
+    return MESH_PREFIX + uuid.hex
+
+
+def saga_id(uuid: UUID) -> str:
+    return SAGA_PREFIX + uuid.hex
+
+
+def parse_agent_id(text: str) -> UUID:
+    return _parse_hex(text, AGENT_PREFIX)
+
+
+def parse_mesh_id(text: str) -> UUID:
+    return _parse_hex(text, MESH_PREFIX)
+
+
+def parse_saga_id(text: str) -> UUID:
+    return _parse_hex(text, SAGA_PREFIX)
+
+
+def _named(kind: str, name: str) -> UUID:
+    if not NAME.fullmatch(name):
+        raise UnknownIdError(name)
+    return uuid5(TADPOLE_NAMESPACE, f"{kind}:{name}")
+
+
+def target_uuid(name: str) -> UUID:
+    """The aggregate of the target the caller calls ``name``."""
+    return _named("target", name)
+
+
+def context_uuid(name: str) -> UUID:
+    """The aggregate of the execution context the caller calls ``name``."""
+    return _named("context", name)
+
+
+def saga_for_key(kind: str, idempotency_key: str) -> UUID:
+    """The saga a retried start with this ``Idempotency-Key`` always names."""
+    return uuid5(TADPOLE_NAMESPACE, f"saga-idempotency:{kind}:{idempotency_key}")

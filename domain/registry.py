@@ -11,10 +11,19 @@ from __future__ import annotations
 
 from eventsourcing.persistence import Transcoding
 
-from domain import jobs, spots, workflows
+from domain import agents, contexts, jobs, meshes, sagas, spots, targets, workflows
 from domain.family import Family
 
-FAMILIES: tuple[Family, ...] = (workflows.FAMILY, jobs.FAMILY, spots.FAMILY)
+FAMILIES: tuple[Family, ...] = (
+    workflows.FAMILY,
+    jobs.FAMILY,
+    spots.FAMILY,
+    targets.FAMILY,
+    contexts.FAMILY,
+    agents.FAMILY,
+    meshes.FAMILY,
+    sagas.FAMILY,
+)
 
 #: Every event Tadpole stores, in the order the schemas are listed.
 EVENTS: tuple[type, ...] = tuple(e for f in FAMILIES for e in f.events)
@@ -35,10 +44,13 @@ def event_type(cls: type) -> str:
 #: Message type → the family that stores it.
 FAMILY_OF_EVENT: dict[str, Family] = {event_type(e): f for f in FAMILIES for e in f.events}
 
+#: Message type → the catalogue's name of the topic its events go to.
+TOPIC_OF_EVENT: dict[str, str] = {event_type(e): f.topic_of(e) for f in FAMILIES for e in f.events}
+
 #: The topic names (of the topic catalogue) the families' events go to.
-TOPICS: tuple[str, ...] = tuple(dict.fromkeys(f.topic for f in FAMILIES))
+TOPICS: tuple[str, ...] = tuple(dict.fromkeys(TOPIC_OF_EVENT.values()))
 
 
 def topic_of(message_type: str) -> str:
     """The catalogue's name of the topic an event of ``message_type`` goes to."""
-    return FAMILY_OF_EVENT[message_type].topic
+    return TOPIC_OF_EVENT[message_type]

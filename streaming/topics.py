@@ -6,13 +6,20 @@ Each aggregate family names the topic its events go to
 configured), and gives each a dead-letter topic for messages that cannot be
 decoded. Today:
 
-==============================  ==========  ======================================
-topic                           partitions  carries
-==============================  ==========  ======================================
-``{prefix}.workload``           6           job and task events
-``{prefix}.agent_lifecycle``    4           spot (agent) events
-``{topic}.dlq``                 1           undecodable messages of ``{topic}``
-==============================  ==========  ======================================
+==================================  ==========  ==================================
+topic                               partitions  carries
+==================================  ==========  ==================================
+``{prefix}.workload``               6           jobs, task blocks, workflows
+``{prefix}.system_events``          6           targets, contexts
+``{prefix}.performance_metrics``    12          agents' and meshes' figures
+                                                (compacted)
+``{prefix}.mesh_coordination``      8           meshes, mesh-formation sagas
+``{prefix}.agent_lifecycle``        4           spots, agents, spawn sagas
+``{topic}.dlq``                     1           undecodable messages of ``{topic}``
+==================================  ==========  ==================================
+
+Each topic has seed 001's retention, compression and cleanup policy
+(:data:`TOPIC_SETTINGS`).
 
 Events are keyed by aggregate id, so one aggregate's events share a partition
 and keep their order. :func:`ensure_topics` creates whatever is missing and is
@@ -52,14 +59,34 @@ ClientConfig = dict[str, Any]
 """A confluent-kafka client config: librdkafka settings, plus callbacks such as
 ``error_cb`` or a ``logger``."""
 
-WORKLOAD_PARTITIONS: Final = 6
-AGENT_LIFECYCLE_PARTITIONS: Final = 4
 DEAD_LETTER_PARTITIONS: Final = 1
 DEAD_LETTER_SUFFIX: Final = ".dlq"
 
-WORKLOAD_RETENTION_MS: Final = 7 * 24 * 3600 * 1000  # 604800000
-AGENT_LIFECYCLE_RETENTION_MS: Final = 14 * 24 * 3600 * 1000  # 1209600000
-DEAD_LETTER_RETENTION_MS: Final = AGENT_LIFECYCLE_RETENTION_MS
+_DAY_MS: Final = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    """A topic's partitions, retention, compression and cleanup policy."""
+
+    partitions: int
+    retention_ms: int
+    compression: str = "lz4"
+    cleanup_policy: str = "delete"
+
+
+#: Every event topic, by the name the families use for it: seed 001's four with its
+#: settings, and ``workload`` (jobs, task blocks, workflows) with system_events' own.
+TOPIC_SETTINGS: Final[Mapping[str, TopicSettings]] = {
+    "workload": TopicSettings(6, 7 * _DAY_MS),
+    "system_events": TopicSettings(6, 7 * _DAY_MS, "lz4"),
+    "performance_metrics": TopicSettings(12, 30 * _DAY_MS, "snappy", "compact"),
+    "mesh_coordination": TopicSettings(8, 3 * _DAY_MS, "zstd"),
+    "agent_lifecycle": TopicSettings(4, 14 * _DAY_MS, "lz4"),
+}
+WORKLOAD_PARTITIONS: Final = TOPIC_SETTINGS["workload"].partitions
+AGENT_LIFECYCLE_PARTITIONS: Final = TOPIC_SETTINGS["agent_lifecycle"].partitions
+DEAD_LETTER_RETENTION_MS: Final = max(t.retention_ms for t in TOPIC_SETTINGS.values())
 """Dead letters wait for a human, so they are kept as long as the longest topic."""
 
 MESSAGE_TIMEOUT_MS: Final = 20_000
@@ -70,17 +97,11 @@ delivered or failed) by the time the relay gives up on it, instead of lingering
 in the producer for librdkafka's default 5 minutes and landing behind its retry.
 """
 
-#: A topic's partitions and retention, by the name the families use for it.
-TOPIC_SETTINGS: Final[Mapping[str, tuple[int, int]]] = {
-    "workload": (WORKLOAD_PARTITIONS, WORKLOAD_RETENTION_MS),
-    "agent_lifecycle": (AGENT_LIFECYCLE_PARTITIONS, AGENT_LIFECYCLE_RETENTION_MS),
-}
-
 COMPRESSION: Final = "lz4"
 """Tansu stores and serves lz4 batches as they are (checked end to end)."""
 
 _LEGAL_NAME = re.compile(r"[A-Za-z0-9._-]+")
-_MAX_NAME = 249 - len(".agent_lifecycle") - len(DEAD_LETTER_SUFFIX)
+_MAX_NAME = 249 - max(len("." + name) for name in TOPIC_SETTINGS) - len(DEAD_LETTER_SUFFIX)
 
 # errors that mean "the broker does not like this topic config": retried without it
 _CONFIG_ERRORS: Final = frozenset(
@@ -157,8 +178,8 @@ class TopicCatalogue:
         A type no family stores (an unreadable event's placeholder) goes to the
         first family's topic, whose dead letters then hold it.
         """
-        family = registry.FAMILY_OF_EVENT.get(message_type)
-        return self.topic(family.topic if family is not None else registry.TOPICS[0])
+        name = registry.TOPIC_OF_EVENT.get(message_type, registry.TOPICS[0])
+        return self.topic(name)
 
     @property
     def workload(self) -> str:
@@ -194,14 +215,15 @@ class TopicCatalogue:
     def specs(self) -> tuple[TopicSpec, ...]:
         """Every topic of the catalogue with its partitions and seed configs."""
 
-        def config(retention_ms: int) -> dict[str, str]:
-            return {"retention.ms": str(retention_ms), "cleanup.policy": "delete"}
-
         events = [
-            TopicSpec(self.topic(name), *_settings(name, config, self.partitions))
+            TopicSpec(
+                self.topic(name),
+                self.partitions or TOPIC_SETTINGS[name].partitions,
+                _config(TOPIC_SETTINGS[name]),
+            )
             for name in registry.TOPICS
         ]
-        dead_letter = config(DEAD_LETTER_RETENTION_MS)
+        dead_letter = _config(TopicSettings(DEAD_LETTER_PARTITIONS, DEAD_LETTER_RETENTION_MS))
         letters = [
             TopicSpec(self.dead_letter(spec.name), DEAD_LETTER_PARTITIONS, dead_letter)
             for spec in events
@@ -209,9 +231,12 @@ class TopicCatalogue:
         return (*events, *letters)
 
 
-def _settings(name: str, config: Any, partitions: int) -> tuple[int, dict[str, str]]:
-    own, retention_ms = TOPIC_SETTINGS[name]
-    return partitions or own, config(retention_ms)
+def _config(settings: TopicSettings) -> dict[str, str]:
+    return {
+        "retention.ms": str(settings.retention_ms),
+        "cleanup.policy": settings.cleanup_policy,
+        "compression.type": settings.compression,
+    }
 
 
 def ensure_topics(bootstrap_servers: str, catalogue: TopicCatalogue, timeout: float = 10.0) -> None:

@@ -1427,7 +1427,8 @@ def test_audit_of_an_unknown_aggregate_kind_is_404(api: Api) -> None:
 
     assert result.status_code == 404
     assert result.json == error(
-        "unknown aggregate 'block': use workflow-run, workflow-task, job, task or spot"
+        "unknown aggregate 'block': use workflow-run, workflow-task, job, task, spot, "
+        "target, context, agent, mesh or saga"
     )
 
 

@@ -29,8 +29,9 @@ def problems(families: Sequence[Family]) -> list[str]:
     """Everything the families declare that some part of Tadpole does not serve."""
     found = []
     for family in families:
-        if family.topic not in TOPIC_SETTINGS:
-            found.append(f"{family.name}: topic {family.topic!r} has no settings")
+        for topic in dict.fromkeys(family.topic_of(e) for e in (*family.events, None)):
+            if topic not in TOPIC_SETTINGS:
+                found.append(f"{family.name}: topic {topic!r} has no settings")
         for event in family.events:
             kind = event_type(event)
             if not (AVRO_DIR / f"{kind}.avsc").exists():
@@ -87,27 +88,42 @@ def test_each_event_goes_to_its_familys_topic() -> None:
     catalogue = TopicCatalogue("t")
     for family in registry.FAMILIES:
         for event in family.events:
-            assert catalogue.topic_for(event_type(event)) == f"t.{family.topic}"
-    assert set(catalogue.event_topics) == {f"t.{f.topic}" for f in registry.FAMILIES}
+            assert catalogue.topic_for(event_type(event)) == f"t.{family.topic_of(event)}"
+    assert set(catalogue.event_topics) == {
+        f"t.{f.topic_of(e)}" for f in registry.FAMILIES for e in f.events
+    }
     assert set(catalogue.event_topics) <= set(catalogue.all_topics)
 
 
 def test_a_deployment_may_set_every_event_topics_partitions() -> None:
     own = {spec.name: spec.partitions for spec in TopicCatalogue("t").specs()}
-    assert own == {
-        "t.workload": 6,
+    seed_001 = {
+        "t.system_events": 6,
+        "t.performance_metrics": 12,
+        "t.mesh_coordination": 8,
         "t.agent_lifecycle": 4,
-        "t.workload.dlq": 1,
-        "t.agent_lifecycle.dlq": 1,
     }
+    assert own == {"t.workload": 6, **seed_001} | {f"{t}.dlq": 1 for t in ("t.workload", *seed_001)}
     one = {spec.name: spec.partitions for spec in TopicCatalogue("t", partitions=1).specs()}
     assert set(one.values()) == {1}
-    assert {s.name: s.partitions for s in TopicCatalogue("t", partitions=3).specs()} == {
-        "t.workload": 3,
-        "t.agent_lifecycle": 3,
-        "t.workload.dlq": 1,
-        "t.agent_lifecycle.dlq": 1,
+    three = {s.name: s.partitions for s in TopicCatalogue("t", partitions=3).specs()}
+    assert three == {name: 1 if name.endswith(".dlq") else 3 for name in own}
+
+
+def test_each_topic_has_seed_001s_settings() -> None:
+    configs = {spec.name: dict(spec.config) for spec in TopicCatalogue("t").specs()}
+    expected = {
+        "t.system_events": ("604800000", "lz4", "delete"),
+        "t.performance_metrics": ("2592000000", "snappy", "compact"),
+        "t.mesh_coordination": ("259200000", "zstd", "delete"),
+        "t.agent_lifecycle": ("1209600000", "lz4", "delete"),
     }
+    for name, (retention, compression, cleanup) in expected.items():
+        assert configs[name] == {
+            "retention.ms": retention,
+            "compression.type": compression,
+            "cleanup.policy": cleanup,
+        }
 
 
 def test_every_command_has_exactly_one_handler() -> None:
