@@ -10,7 +10,9 @@ import falcon.media
 import falcon.routing
 import orjson
 
+from api import fleet as f
 from api import resources as r
+from api import sagas as s
 from api import validation as v
 from api import workflows as w
 from api.converters import CONVERTERS
@@ -63,6 +65,37 @@ def create_app(ctx: r.ApiContext, agent_key: str = "", middleware: list[Any] | N
     for action in ("pause", "resume", "cancel", "compensate"):
         route(f"/api/v1/workflow-runs/{{instance:instance}}/{action}", runs, suffix=action)
     route("/api/v1/workflow-runs/{instance:instance}/tasks/{task_id}/retry", runs, suffix="retry")
+    targets, contexts, agents, meshes = (
+        f.Targets(ctx),
+        f.Contexts(ctx),
+        f.Agents(ctx),
+        f.Meshes(ctx),
+    )
+    route("/api/v1/targets/{target_id}", targets)
+    route("/v1/targets/{target_id}/status", targets, suffix="status")
+    route("/api/v1/contexts/{context_id}", contexts)
+    route("/api/v1/agents/spawn", agents, suffix="spawn")
+    route("/api/v1/agents/{agent:agent}", agents, suffix="one")
+    route("/api/v1/agents/{agent:agent}/performance", agents, suffix="performance")
+    route("/api/v1/agents/{agent:agent}/capabilities", agents, suffix="capabilities")
+    route("/api/v1/meshes", meshes)
+    route("/api/v1/meshes/{mesh:mesh}", meshes, suffix="one")
+    route("/api/v1/meshes/{mesh:mesh}/performance", meshes, suffix="performance")
+    route("/api/v1/meshes/{mesh:mesh}/members/{agent:agent}", meshes, suffix="member")
+    scheduler = f.Scheduler(ctx)
+    route("/v1/scheduler/health", scheduler, suffix="health")
+    route("/v1/scheduler/metrics", scheduler, suffix="metrics")
+    sagas, steps = s.Sagas(ctx), s.SagaSteps(ctx)
+    route("/api/v1/sagas", sagas)
+    route("/api/v1/sagas/{saga:saga}", sagas, suffix="one")
+    route("/internal/v1/sagas/{saga:saga}/steps/take", steps, suffix="take")
+    route("/internal/v1/sagas/{saga:saga}/steps/{step}/finish", steps, suffix="finish")
+    route("/internal/v1/sagas/{saga:saga}/compensations/take", steps, suffix="take_compensation")
+    route(
+        "/internal/v1/sagas/{saga:saga}/compensations/{step}/finish",
+        steps,
+        suffix="finish_compensation",
+    )
     return app
 
 

@@ -13,7 +13,14 @@ import falcon
 import falcon.routing
 
 from api import validation as v
-from domain.ids import UnknownIdError, parse_job_id, parse_task_id
+from domain.ids import (
+    UnknownIdError,
+    parse_agent_id,
+    parse_job_id,
+    parse_mesh_id,
+    parse_saga_id,
+    parse_task_id,
+)
 from domain.workflows.ids import parse_instance_id, parse_workflow_task_id
 
 
@@ -54,8 +61,40 @@ class InstanceId(falcon.routing.BaseConverter):
             raise falcon.HTTPNotFound(description="workflow run not found") from None
 
 
+class _Prefixed(falcon.routing.BaseConverter):
+    """An ``agent-``, ``mesh-`` or ``saga-`` id: its aggregate id, or 404."""
+
+    name = ""
+
+    def convert(self, value: str) -> UUID:
+        v.scalar_fits(value, f"{self.name}_id")
+        try:
+            return self.parse(value)
+        except UnknownIdError:
+            raise falcon.HTTPNotFound(description=f"{self.name} not found") from None
+
+    @staticmethod
+    def parse(text: str) -> UUID:
+        raise NotImplementedError
+
+
+class AgentId(_Prefixed):
+    name, parse = "agent", staticmethod(parse_agent_id)
+
+
+class MeshId(_Prefixed):
+    name, parse = "mesh", staticmethod(parse_mesh_id)
+
+
+class SagaId(_Prefixed):
+    name, parse = "saga", staticmethod(parse_saga_id)
+
+
 CONVERTERS: dict[str, type[falcon.routing.BaseConverter]] = {
     "job": JobId,
     "task": TaskId,
     "instance": InstanceId,
+    "agent": AgentId,
+    "mesh": MeshId,
+    "saga": SagaId,
 }

@@ -16,6 +16,7 @@ import psycopg
 import psycopg_pool
 import redis
 
+from domain.contexts import ContextModified
 from domain.family import (
     ConflictError,
     NotFoundError,
@@ -27,7 +28,9 @@ from domain.family import (
 )
 from domain.jobs import Finished, JobCreated
 from domain.jobs.tasks import Outcome
+from domain.sagas import SagaStarted, StepFinished, StepTaken, TimersFired
 from domain.spots import Claimed, SpotRegistered
+from domain.targets import TargetUpdated
 from domain.workflows import LeaseExtended, RunStarted, TaskReported, WorkflowRegistered
 
 Response = falcon.asgi.Response
@@ -121,6 +124,55 @@ def _lease_extended(resp: Response, result: LeaseExtended, failing: bool) -> Non
     resp.media = {"success": True, "leaseExpiresAt": result.expires_at.isoformat()}
 
 
+def _target_updated(resp: Response, result: TargetUpdated, failing: bool) -> None:
+    resp.status = falcon.HTTP_201 if result.created else falcon.HTTP_200
+    resp.media = {"success": True, "targetId": result.target_id, "changed": result.changed}
+    resp.location = f"/v1/targets/{result.target_id}/status"
+
+
+def _context_modified(resp: Response, result: ContextModified, failing: bool) -> None:
+    resp.status = falcon.HTTP_201 if result.created else falcon.HTTP_200
+    resp.media = {"success": True, "contextId": result.context_id, "changed": result.changed}
+    resp.location = f"/api/v1/contexts/{result.context_id}"
+
+
+def _saga_started(resp: Response, result: SagaStarted, failing: bool) -> None:
+    """202: the saga runs on; a retried start (same ``Idempotency-Key``) answers 200."""
+    resp.status = falcon.HTTP_202 if result.created else falcon.HTTP_200
+    media: dict[str, Any] = {"success": True, "sagaId": result.saga_id, "kind": result.kind}
+    if result.agent_id is not None:
+        media["agentId"] = result.agent_id
+    if result.mesh_id is not None:
+        media["meshId"] = result.mesh_id
+    resp.media = media
+    resp.location = f"/api/v1/sagas/{result.saga_id}"
+
+
+def _step_taken(resp: Response, result: StepTaken, failing: bool) -> None:
+    resp.media = {
+        "success": True,
+        "sagaId": result.saga_id,
+        "kind": result.kind,
+        "step": result.step,
+        "compensation": result.compensation,
+        "fenceToken": result.fence,
+        "deadline": result.deadline.isoformat(),
+        "params": result.params,
+        "outcome": result.outcome,
+    }
+
+
+def _step_finished(resp: Response, result: StepFinished, failing: bool) -> None:
+    resp.media = {
+        "success": True,
+        "sagaId": result.saga_id,
+        "step": result.step,
+        "stepState": result.step_state,
+        "sagaState": result.saga_state,
+        "error": result.error,
+    }
+
+
 def _ok(resp: Response, result: Any, failing: bool) -> None:
     resp.media = {"success": True}
 
@@ -137,6 +189,12 @@ RESPONSES: dict[type, Callable[[Response, Any, bool], None]] = {
     RunStarted: _run_started,
     TaskReported: _task_reported,
     LeaseExtended: _lease_extended,
+    TargetUpdated: _target_updated,
+    ContextModified: _context_modified,
+    SagaStarted: _saga_started,
+    StepTaken: _step_taken,
+    StepFinished: _step_finished,
+    TimersFired: _ok,
 }
 
 

@@ -83,6 +83,26 @@ class TableViews(Protocol):
 
     async def spots(self) -> list[dict[str, Any]]: ...
 
+    async def target_status(self, target_id: str) -> dict[str, Any] | None:
+        """Seed 000's TargetStatus."""
+
+    async def context(self, context_id: str) -> dict[str, Any] | None: ...
+
+    async def agent(self, agent_id: str) -> dict[str, Any] | None: ...
+
+    async def meshes(self, state: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+    async def mesh(self, mesh_id: str) -> dict[str, Any] | None: ...
+
+    async def sagas(self, states: list[str], kind: str | None, limit: int) -> list[dict[str, Any]]:
+        """Newest first."""
+
+    async def fleet_counts(self) -> dict[str, Any]:
+        """Targets, agents, meshes and sagas by state."""
+
+    async def task_rate(self) -> dict[str, float]:
+        """Tasks finished per second over the last minute, and their mean run time."""
+
 
 class Stage(Protocol):
     """One pipeline step as health shows it (``streaming.health.StageStatus``)."""

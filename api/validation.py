@@ -221,3 +221,76 @@ def obj(body: dict[str, Any], name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _bad(name, "must be an object with min, max and step")
     return value
+
+
+def string_map(
+    body: dict[str, Any],
+    name: str,
+    *,
+    required: bool = False,
+    max_entries: int = 64,
+    max_key: int = 64,
+    max_value: int = 1024,
+) -> dict[str, str]:
+    """A JSON object of strings (capabilities, properties: seed 000's ``map<string, string>``)."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise _bad(name, "is required")
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(name, "must be an object of strings")
+    if len(value) > max_entries:
+        raise _bad(name, f"must have at most {max_entries} entries")
+    for key, item in value.items():
+        if not 0 < len(key) <= max_key:
+            raise _bad(name, f"keys must be 1 to {max_key} characters")
+        if not isinstance(item, str):
+            raise _bad(f"{name}.{key}", "must be a string")
+        if len(item) > max_value:
+            raise _bad(f"{name}.{key}", f"must be at most {max_value} characters")
+    fits(value, name)
+    return value
+
+
+def number_map(body: dict[str, Any], name: str, *, max_entries: int = 64) -> dict[str, float]:
+    """A non-empty JSON object of finite numbers (performance metrics)."""
+    value = body.get(name)
+    if not isinstance(value, dict) or not value:
+        raise _bad(name, "must be a non-empty object of numbers")
+    if len(value) > max_entries:
+        raise _bad(name, f"must have at most {max_entries} entries")
+    for key, item in value.items():
+        if not 0 < len(key) <= 64:
+            raise _bad(name, "keys must be 1 to 64 characters")
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            raise _bad(f"{name}.{key}", "must be a number")
+    fits(value, name)
+    return {k: float(x) for k, x in value.items()}
+
+
+def name_list(
+    body: dict[str, Any], name: str, *, max_entries: int = 64, max_len: int = 256
+) -> list[str]:
+    """A list of non-empty strings (a context's hierarchies); empty when left out."""
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+        raise _bad(name, "must be a list of non-empty strings")
+    if len(value) > max_entries:
+        raise _bad(name, f"must have at most {max_entries} entries")
+    if any(len(x) > max_len for x in value):
+        raise _bad(name, f"entries must be at most {max_len} characters")
+    fits(value, name)
+    return value
+
+
+def section(body: dict[str, Any], name: str) -> dict[str, Any]:
+    """A nested JSON object that must be there (``resources``)."""
+    value = body.get(name)
+    if value is None:
+        raise _bad(name, "is required")
+    if not isinstance(value, dict):
+        raise _bad(name, "must be an object")
+    return value

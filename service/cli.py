@@ -48,6 +48,12 @@ def _project(args: argparse.Namespace) -> int:
     return run_projector(_settings(args), args.read_model)
 
 
+def _sagas(args: argparse.Namespace) -> int:
+    from service.processes import run_sagas
+
+    return run_sagas(_settings(args), args.driver)
+
+
 def _dead_letters(args: argparse.Namespace) -> int:
     from service.deadletters import list_letters, retry_letters
 
@@ -147,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(run=_api)
 
     add("relay", "relay events from the event store to Kafka").set_defaults(run=_relay)
+    sagas = add(
+        "sagas",
+        "run a saga runner: drive agent-spawning sagas and play the mesh-formation "
+        "saga's participants, through the API",
+    )
+    sagas.add_argument(
+        "--driver", default="", help="this runner's name in the sagas' leases (default host-pid)"
+    )
+    sagas.set_defaults(run=_sagas)
 
     project = add("project", "feed one read model from Kafka, healing from the event store")
     project.add_argument("read_model", choices=["postgres", "redis"], help="which read model")

@@ -101,6 +101,60 @@ def run_projector(settings: Settings, which: str) -> int:
     return 0
 
 
+def run_sagas(settings: Settings, driver: str = "") -> int:
+    """The saga runner (``tadpole sagas``): drives sagas through the API until stopped."""
+    import asyncio
+    import socket
+
+    import httpx
+
+    from sagas.client import SagaApi
+    from sagas.handlers import Faults, Handlers
+    from sagas.runner import SagaRunner, TopicCues
+    from service.bootstrap import topic_catalogue
+
+    configure_logging(settings)
+    servers = require_broker(settings)
+    driver = driver or f"{socket.gethostname()}-{os.getpid()}"
+    url = f"http://{settings.host}:{settings.port}"
+
+    async def main() -> None:
+        api = SagaApi(url, driver, settings.agent_key)
+        hooks = httpx.AsyncClient(timeout=5.0)
+        runner = SagaRunner(
+            api,
+            Handlers.from_setting(settings.saga_hooks, hooks),
+            Faults(settings.test_saga_faults),
+            settings.saga_sweep_interval,
+        )
+        loop = asyncio.get_running_loop()
+        catalogue = topic_catalogue(settings)
+        cues = TopicCues(
+            servers,
+            f"{settings.topic_prefix}.sagas",
+            [catalogue.agent_lifecycle, catalogue.topic("mesh_coordination")],
+            runner.on_event,
+            loop,
+        )
+
+        def stop() -> None:
+            loop.call_soon_threadsafe(runner.stopping.set)
+
+        _on_signals(stop)
+        cues.start()
+        log.info("saga runner %s: driving sagas through %s", driver, url)
+        try:
+            await runner.sweep()
+        finally:
+            await runner.stop()
+            cues.stop()
+            await api.close()
+            await hooks.aclose()
+
+    asyncio.run(main())
+    return 0
+
+
 def gunicorn_argv(settings: Settings) -> list[str]:
     return [
         sys.executable,
@@ -293,6 +347,7 @@ def run_up(settings: Settings) -> int:
             "relay": [*me, "relay"],
             "projector-postgres": [*me, "project", "postgres"],
             "projector-redis": [*me, "project", "redis"],
+            "sagas": [*me, "sagas"],
         },
         {**os.environ, **settings.environ()},
         # Everything shares the machine's cores. A closed loop of workers makes the

@@ -1,4 +1,4 @@
-"""TaskReaper, SpotReaper and the workflow timers: periodic commands, run by one API
+"""TaskReaper, SpotReaper and the workflow and saga timers: periodic commands, run by one API
 process at a time."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 
 from domain.jobs import ReapTasks
+from domain.sagas import FireSagaTimers
 from domain.spots import ReapSpots
 from domain.workflows import FireTimers
 from service.settings import Settings
@@ -43,6 +44,7 @@ class Reapers:
                 )
             ),
             asyncio.create_task(self._loop(FireTimers(), self.settings.timer_interval)),
+            asyncio.create_task(self._loop(FireSagaTimers(), self.settings.timer_interval)),
         ]
 
     async def _leader(self) -> bool:
@@ -56,13 +58,15 @@ class Reapers:
         row = await cur.fetchone()
         return bool(row and row[0])
 
-    async def _loop(self, command: ReapSpots | ReapTasks | FireTimers, interval: float) -> None:
+    async def _loop(
+        self, command: ReapSpots | ReapTasks | FireTimers | FireSagaTimers, interval: float
+    ) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
                 if await self._leader():
                     result = await self.writer.submit(command)
-                    if getattr(result, "spots", None) or getattr(result, "tasks", None):
+                    if any(getattr(result, f, None) for f in ("spots", "tasks", "sagas")):
                         log.info("%s: %s", type(command).__name__, result)
             except Exception:  # a reaper must outlive a failed round
                 log.exception("%s round failed", type(command).__name__)

@@ -184,6 +184,24 @@ class Settings:
         "seconds a command may wait to be decided and stored before it is answered 503",
         FLOAT,
     )
+    saga_hooks: str = setting(
+        "TADPOLE_SAGA_HOOKS",
+        "",
+        "JSON object: saga step or compensation name → URL the saga runner POSTs it to "
+        "(with retries and a circuit breaker) instead of its built-in handler",
+    )
+    saga_sweep_interval: float = setting(
+        "TADPOLE_SAGA_SWEEP_INTERVAL",
+        "2",
+        "seconds between the saga runner's looks at open sagas it may have missed",
+        FLOAT,
+    )
+    test_saga_faults: str = setting(
+        "TADPOLE_TEST_SAGA_FAULTS",
+        "",
+        "tests and benchmarks only: a JSON file of faults the saga runner injects "
+        "(re-read as it changes)",
+    )
     log_level: str = setting("TADPOLE_LOG_LEVEL", "INFO", "logging level", str.upper)
 
     def with_changes(self, **changes: Any) -> Settings:

@@ -1,0 +1,101 @@
+"""The saga runner's side of the API: take a step or a compensation, report it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+
+class Refused(Exception):
+    """The writer refused a take or a report (409: someone else drives it, or it is over)."""
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A step or compensation this runner now holds (the API's ``StepTaken``)."""
+
+    saga_id: str
+    kind: str
+    step: str
+    compensation: str
+    fence: int
+    deadline: datetime
+    params: dict[str, Any]
+    outcome: Any
+    is_compensation: bool
+
+    @property
+    def name(self) -> str:
+        """The name its handler is found by: the step's, or its compensation's."""
+        return self.compensation if self.is_compensation else self.step
+
+
+class SagaApi:
+    """The ``/internal/v1/sagas`` routes, and the saga queries, over one HTTP client."""
+
+    def __init__(self, base_url: str, driver: str, agent_key: str = "", timeout: float = 10.0):
+        headers = {"X-Orhestra-Key": agent_key} if agent_key else {}
+        self.http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
+        self.driver = driver
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = await self.http.post(path, json={"driver": self.driver, **body})
+        if response.status_code in (404, 409):
+            raise Refused(response.json().get("error", response.text))
+        response.raise_for_status()
+        found: dict[str, Any] = response.json()
+        return found
+
+    async def take_step(self, saga: str, **declared: Any) -> Taken:
+        body = await self._post(f"/internal/v1/sagas/{saga}/steps/take", declared)
+        return _taken(body, compensation=False)
+
+    async def finish_step(self, taken: Taken, **report: Any) -> dict[str, Any]:
+        path = f"/internal/v1/sagas/{taken.saga_id}/steps/{taken.step}/finish"
+        return await self._post(path, {"fenceToken": taken.fence, **report})
+
+    async def take_compensation(self, saga: str, step: str | None = None) -> Taken:
+        body = await self._post(
+            f"/internal/v1/sagas/{saga}/compensations/take", {"step": step} if step else {}
+        )
+        return _taken(body, compensation=True)
+
+    async def finish_compensation(self, taken: Taken, **report: Any) -> dict[str, Any]:
+        path = f"/internal/v1/sagas/{taken.saga_id}/compensations/{taken.step}/finish"
+        return await self._post(path, {"fenceToken": taken.fence, **report})
+
+    async def saga(self, saga: str) -> dict[str, Any] | None:
+        response = await self.http.get(f"/api/v1/sagas/{saga}")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        found: dict[str, Any] = response.json()
+        return found
+
+    async def open_sagas(self) -> list[dict[str, Any]]:
+        response = await self.http.get(
+            "/api/v1/sagas", params={"state": "RUNNING,COMPENSATING", "limit": 1000}
+        )
+        response.raise_for_status()
+        found: list[dict[str, Any]] = response.json()["sagas"]
+        return found
+
+
+def _taken(body: dict[str, Any], compensation: bool) -> Taken:
+    return Taken(
+        body["sagaId"],
+        body["kind"],
+        body["step"],
+        body["compensation"],
+        body["fenceToken"],
+        datetime.fromisoformat(body["deadline"]),
+        body["params"],
+        body.get("outcome"),
+        compensation,
+    )
