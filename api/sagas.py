@@ -51,7 +51,8 @@ class Sagas:
         resp.media = saga_view(found)
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        states = [s.upper() for s in req.get_param_as_list("state", default=[])]
+        given = req.get_param_as_list("state", default=[])
+        states = [s.strip().upper() for value in given for s in value.split(",") if s.strip()]
         unknown = [s for s in states if s not in SAGA_STATES]
         if unknown:
             raise falcon.HTTPBadRequest(

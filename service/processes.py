@@ -114,6 +114,7 @@ def run_sagas(settings: Settings, driver: str = "") -> int:
     from service.bootstrap import topic_catalogue
 
     configure_logging(settings)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     servers = require_broker(settings)
     driver = driver or f"{socket.gethostname()}-{os.getpid()}"
     url = f"http://{settings.host}:{settings.port}"

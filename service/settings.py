@@ -114,8 +114,8 @@ class Settings:
     topic_partitions: int = setting(
         "TADPOLE_TOPIC_PARTITIONS",
         "",
-        "partitions of each event topic it creates; unset or 0: 6 (workload) and 4 "
-        "(agent_lifecycle) on Kafka, 1 on the embedded broker",
+        "partitions of each event topic it creates; unset or 0: each topic's own "
+        "(seed 001's) on Kafka, 1 on the embedded broker",
         OPTIONAL_INT,
     )
     max_sweep_tasks: int = setting(

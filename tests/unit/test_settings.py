@@ -46,6 +46,9 @@ def test_a_child_process_gets_every_setting_changed() -> None:
         "TADPOLE_LEASE_SECONDS": "12",
         "TADPOLE_TIMER_INTERVAL": "0.5",
         "TADPOLE_TOPIC_PARTITIONS": "2",
+        "TADPOLE_SAGA_HOOKS": '{"register_with_mesh": "http://hooks/register"}',
+        "TADPOLE_SAGA_SWEEP_INTERVAL": "3",
+        "TADPOLE_TEST_SAGA_FAULTS": "/tmp/faults.json",
         "TADPOLE_LOG_LEVEL": "debug",
     }
     settings = load_settings(changed)
