@@ -139,7 +139,7 @@ class HttpHook:
             retrying = AsyncRetrying(
                 stop=stop_after_attempt(self.attempts),
                 wait=wait_exponential_jitter(
-                    initial=self.base, max=self.most, exp_base=2, jitter=self.base
+                    multiplier=self.base, max=self.most, exp_base=2, jitter=self.base
                 ),
                 retry=retry_if_exception(lambda e: isinstance(e, _Retriable)),
                 reraise=True,
