@@ -47,20 +47,15 @@ local new = tonumber(ARGV[2])
 if new <= v then return 0 end
 if new > v + 1 then return -1 end
 -- An op's arguments: HSET and HINCRBY key field value; MOVE entity counts state;
--- MOVEIF entity counts from to; MOVEMIN entity counts n atleast below.
-local arity = {HSET = 3, HINCRBY = 3, MOVE = 3, MOVEIF = 4, MOVEMIN = 5}
+-- MOVEIF entity counts from to; MOVEIFREF base hash counts from to (MOVEIF of the
+-- entity base .. the 'ref' field of hash, if it has one); MOVEMIN entity counts n
+-- atleast below.
+local arity = {HSET = 3, HINCRBY = 3, MOVE = 3, MOVEIF = 4, MOVEIFREF = 5, MOVEMIN = 5}
 local i = 3
 while i <= #ARGV do
   local n = arity[ARGV[i]]
   if n == nil then return redis.error_reply('unknown op ' .. ARGV[i]) end
   i = i + n + 1
-end
--- The key of an entity's hash: '@key' is the one named by field 'ref' of hash key.
-local function entity(key)
-  if string.sub(key, 1, 1) == '@' then
-    return redis.call('HGET', string.sub(key, 2), 'ref')
-  end
-  return key
 end
 -- The entity's state becomes ``to``: the counts by state follow.
 local function move(key, counts, to)
@@ -70,6 +65,10 @@ local function move(key, counts, to)
   redis.call('HINCRBY', counts, to, 1)
   redis.call('HSET', key, 'state', to)
 end
+-- Only from state ``from`` ('' for an entity with no state yet).
+local function move_if(key, counts, from, to)
+  if (redis.call('HGET', key, 'state') or '') == from then move(key, counts, to) end
+end
 redis.call('HSET', KEYS[1], ARGV[1], new)
 i = 3
 while i <= #ARGV do
@@ -78,25 +77,20 @@ while i <= #ARGV do
     redis.call('HSET', ARGV[i+1], ARGV[i+2], ARGV[i+3])
   elseif op == 'HINCRBY' then
     redis.call('HINCRBY', ARGV[i+1], ARGV[i+2], ARGV[i+3])
+  elseif op == 'MOVE' then
+    move(ARGV[i+1], ARGV[i+2], ARGV[i+3])
+  elseif op == 'MOVEIF' then
+    move_if(ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4])
+  elseif op == 'MOVEIFREF' then
+    local ref = redis.call('HGET', ARGV[i+2], 'ref')
+    if ref then move_if(ARGV[i+1] .. ref, ARGV[i+3], ARGV[i+4], ARGV[i+5]) end
   else
-    local key = entity(ARGV[i+1])
-    if key then
-      if op == 'MOVE' then
-        move(key, ARGV[i+2], ARGV[i+3])
-      elseif op == 'MOVEIF' then
-        -- only from state ARGV[i+3] ('' for an entity with no state yet)
-        if (redis.call('HGET', key, 'state') or '') == ARGV[i+3] then
-          move(key, ARGV[i+2], ARGV[i+4])
-        end
-      else
-        -- MOVEMIN: ARGV[i+4] when n is at least the entity's 'min', else ARGV[i+5]
-        local min = tonumber(redis.call('HGET', key, 'min') or '0')
-        if tonumber(ARGV[i+3]) >= min then
-          move(key, ARGV[i+2], ARGV[i+4])
-        else
-          move(key, ARGV[i+2], ARGV[i+5])
-        end
-      end
+    -- MOVEMIN: ARGV[i+4] when n is at least the entity's 'min', else ARGV[i+5]
+    local min = tonumber(redis.call('HGET', ARGV[i+1], 'min') or '0')
+    if tonumber(ARGV[i+3]) >= min then
+      move(ARGV[i+1], ARGV[i+2], ARGV[i+4])
+    else
+      move(ARGV[i+1], ARGV[i+2], ARGV[i+5])
     end
   end
   i = i + arity[op] + 1
@@ -142,7 +136,7 @@ class RedisKeys:
         return f"{self.prefix}:fleet:mesh:{mesh_id}"
 
     def saga(self, uuid: UUID) -> str:
-        """A saga's state, and (``ref``) its mesh's key for a mesh formation."""
+        """A saga's state, and (``ref``) its mesh's id for a mesh formation."""
         return f"{self.prefix}:fleet:saga:{uuid}"
 
     def job(self, job_id: str) -> str:
@@ -312,11 +306,14 @@ def _saga_moves(state: str) -> Handler:
         saga = keys.saga(m.aggregate_id)
         out: list[Op] = []
         if state == RUNNING and kind == MESH_FORMATION:  # Started
-            mesh = keys.mesh(json.loads(m.data["params"])["meshId"])
-            out += [("HSET", saga, "ref", mesh), ("MOVEIF", mesh, keys.meshes, "", FORMING)]
+            mesh = json.loads(m.data["params"])["meshId"]
+            out += [
+                ("HSET", saga, "ref", mesh),  # the id, not the key: a rebuild has another prefix
+                ("MOVEIF", keys.mesh(mesh), keys.meshes, "", FORMING),
+            ]
         out.append(("MOVE", saga, keys.sagas(kind), state))
         if state in (COMPENSATED, ABORTED) and kind == MESH_FORMATION:
-            out.append(("MOVEIF", "@" + saga, keys.meshes, FORMING, MESH_FAILED))
+            out.append(("MOVEIFREF", keys.mesh(""), saga, keys.meshes, FORMING, MESH_FAILED))
         return out
 
     return ops
