@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -19,6 +20,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from domain.sagas.saga import SAGA_KINDS
 from domain.spots import UP
 from projections.redis.dashboards import REBUILDING, RedisKeys, job_field
 from projections.status import DONE, FAILED, job_status, literal
@@ -112,6 +114,37 @@ class RedisViews:
         """Workflow runs by state (only states some run is in)."""
         raw: dict[str, str] = await self.client.hgetall(self.keys.workflow_runs)  # type: ignore[assignment]
         return {k: int(v) for k, v in raw.items() if int(v)}
+
+    async def fleet(self) -> dict[str, dict[str, int]]:
+        """The fleet's counts, as :meth:`PostgresViews.fleet_counts` gives them: targets,
+        agents, meshes and sagas by state (only states something is in), sagas of each
+        kind by state (``agent_spawning``, ``mesh_formation``), and ``targetWorkloads``
+        (target id → its current workloads)."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        for key in (k.targets, k.agents, k.meshes, k.target_workloads, k.target_names):
+            pipe.hgetall(key)
+        for kind in SAGA_KINDS:
+            pipe.hgetall(k.sagas(kind))
+        targets, agents, meshes, workloads, names, *by_kind = await pipe.execute()
+        out = {
+            "targets": _counts(targets),
+            "agents": _counts(agents),
+            "meshes": _counts(meshes),
+            "sagas": {},
+            **{kind: _counts(raw) for kind, raw in zip(SAGA_KINDS, by_kind, strict=True)},
+            "targetWorkloads": {
+                names[uuid]: int(n) for uuid, n in workloads.items() if uuid in names
+            },
+        }
+        for kind in SAGA_KINDS:
+            for state, n in out[kind].items():
+                out["sagas"][state] = out["sagas"].get(state, 0) + n
+        return out
+
+
+def _counts(raw: Mapping[str, str]) -> dict[str, int]:
+    return {k: int(v) for k, v in raw.items() if int(v)}
 
 
 class PostgresViews:
@@ -240,6 +273,162 @@ class PostgresViews:
             ]
         return []
 
+    # ---- the fleet: agents, meshes, sagas, contexts, targets ------------------------------
+
+    async def _one(self, query: str, params: tuple[Any, ...]) -> dict[str, Any] | None:
+        row: dict[str, Any] | None = None
+        async with self.pool.connection() as conn, _until_created():
+            cur = await conn.execute(self._q(query), params)
+            row = await cur.fetchone()
+        return row
+
+    async def _all(self, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        async with self.pool.connection() as conn, _until_created():
+            cur = await conn.execute(self._q(query), params)
+            rows = await cur.fetchall()
+        return rows
+
+    async def agent(self, agent_id: str) -> dict[str, Any] | None:
+        row = await self._one("SELECT * FROM {schema}.agents WHERE id = %s", (agent_id,))
+        return None if row is None else _agent(row)
+
+    async def meshes(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        """Meshes (in ``state``, or all), the newest first."""
+        rows = await self._all(
+            "SELECT * FROM {schema}.meshes WHERE (%s::text IS NULL OR state = %s) "
+            "ORDER BY coalesce(formed_at, updated_at) DESC, id DESC LIMIT %s",
+            (state, state, limit),
+        )
+        return [_mesh(r) for r in rows]
+
+    async def mesh(self, mesh_id: str) -> dict[str, Any] | None:
+        row = await self._one("SELECT * FROM {schema}.meshes WHERE id = %s", (mesh_id,))
+        return None if row is None else _mesh(row)
+
+    async def sagas(self, states: list[str], kind: str | None, limit: int) -> list[dict[str, Any]]:
+        """Sagas in ``states`` (all when empty) of ``kind`` (all when None), newest first."""
+        rows = await self._all(
+            "SELECT id, kind, state, reason, started_at, ended_at FROM {schema}.sagas "
+            "WHERE (cardinality(%s::text[]) = 0 OR state = ANY(%s::text[])) "
+            "AND (%s::text IS NULL OR kind = %s) "
+            "ORDER BY started_at DESC, id DESC LIMIT %s",
+            (states, states, kind, kind, limit),
+        )
+        return [
+            {
+                "id": r["id"],
+                "sagaId": r["id"],
+                "kind": r["kind"],
+                "state": r["state"],
+                "reason": r["reason"],
+                "startedAt": _iso(r["started_at"]),
+                "endedAt": _iso(r["ended_at"]),
+            }
+            for r in rows
+        ]
+
+    async def context(self, context_id: str) -> dict[str, Any] | None:
+        row = await self._one(
+            "SELECT id, hierarchies, properties, created_at, updated_at "
+            "FROM {schema}.execution_contexts WHERE id = %s",
+            (context_id,),
+        )
+        if row is None:
+            return None
+        return {
+            "contextId": row["id"],
+            "hierarchies": row["hierarchies"],
+            "properties": row["properties"],
+            "createdAt": _iso_utc(row["created_at"]),
+            "updatedAt": _iso_utc(row["updated_at"]),
+        }
+
+    async def target_status(self, target_id: str) -> dict[str, Any] | None:
+        """Seed 000's TargetStatus (its snake_case names): usage as a fraction of the
+        target's limits (0 when a limit is 0)."""
+        row = await self._one(
+            "SELECT id, state, current_workloads, resource_usage, resource_limits, "
+            "last_heartbeat FROM {schema}.target_states WHERE id = %s",
+            (target_id,),
+        )
+        if row is None:
+            return None
+        used, limits = row["resource_usage"], row["resource_limits"]
+        return {
+            "target_id": row["id"],
+            "state": row["state"],
+            "current_workloads": row["current_workloads"],
+            "resource_usage": {
+                "cpu_usage": _fraction(used["cpu_millicores"], limits["cpu_millicores"]),
+                "memory_usage": _fraction(used["memory_bytes"], limits["memory_bytes"]),
+            },
+            "last_heartbeat": _iso_utc(row["last_heartbeat"]),
+        }
+
+    async def fleet_counts(self) -> dict[str, dict[str, int]]:
+        """Targets, agents, meshes and sagas by state, sagas of each kind by state and
+        each target's current workloads, as :meth:`RedisViews.fleet` gives them."""
+        rows = await self._all(
+            "SELECT 'targets' AS what, state AS name, count(*) AS n "
+            "FROM {schema}.target_states GROUP BY state "
+            "UNION ALL SELECT 'agents', state, count(*) FROM {schema}.agents GROUP BY state "
+            "UNION ALL SELECT 'meshes', state, count(*) FROM {schema}.meshes GROUP BY state "
+            "UNION ALL SELECT 'sagas', state, count(*) FROM {schema}.sagas GROUP BY state "
+            "UNION ALL SELECT kind, state, count(*) FROM {schema}.sagas GROUP BY kind, state "
+            "UNION ALL SELECT 'targetWorkloads', id, current_workloads "
+            "FROM {schema}.target_states"
+        )
+        out: dict[str, dict[str, int]] = {
+            "targets": {},
+            "agents": {},
+            "meshes": {},
+            "sagas": {},
+            **{kind: {} for kind in SAGA_KINDS},
+            "targetWorkloads": {},
+        }
+        for r in rows:
+            out.setdefault(r["what"], {})[r["name"]] = int(r["n"])
+        return out
+
+
+def _agent(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "agentId": r["id"],
+        "targetId": r["target_id"],
+        "meshId": r["mesh_id"],
+        "state": r["state"],
+        "capabilities": r["capabilities"],
+        "performance": r["performance"],
+        "cpuMillicores": r["cpu_millicores"],
+        "memoryBytes": r["memory_bytes"],
+        "sagaId": r["saga_id"],
+        "spawnedAt": _iso(r["spawned_at"]),
+        "endedAt": _iso(r["ended_at"]),
+        "updatedAt": _iso(r["updated_at"]),
+    }
+
+
+def _mesh(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "meshId": r["id"],
+        "state": r["state"],
+        "topology": r["topology"],
+        "requiredCapabilities": r["required_capabilities"],
+        "minMembers": r["min_members"],
+        "maxMembers": r["max_members"],
+        "members": r["members"],
+        "performance": r["performance"],
+        "sagaId": r["saga_id"],
+        "formedAt": _iso(r["formed_at"]),
+        "endedAt": _iso(r["ended_at"]),
+        "updatedAt": _iso(r["updated_at"]),
+    }
+
+
+def _fraction(used: int, limit: int) -> float:
+    return used / limit if limit > 0 else 0.0
+
 
 @contextlib.asynccontextmanager
 async def _until_created() -> AsyncIterator[None]:
@@ -253,3 +442,10 @@ def _iso(value: Any) -> str | None:
         return None
     text: str = value.isoformat().replace("+00:00", "Z")
     return text
+
+
+def _iso_utc(value: datetime | None) -> str | None:
+    """A ``TIMESTAMP`` column's value (UTC, without a time zone) as ISO 8601 with ``Z``."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")

@@ -22,6 +22,7 @@ from domain.ids import job_id, parse_job_id, spot_id, task_id
 from domain.jobs.sweeps import Sweep
 from domain.spots import DOWN, UP
 from projections.dispatch import Unhandled
+from projections.postgres import fleet as fleet_tables
 from projections.postgres import workflows as workflow_tables
 from projections.status import (
     DONE,
@@ -165,12 +166,18 @@ class _Changes:
         self.job_counts: dict[str, list[Any]] = {}
         #: Workflow statements, in event order (a low-rate family: no merging).
         self.workflow: list[workflow_tables.Statement] = []
+        #: Targets', contexts', agents', meshes' and sagas' statements, in event order.
+        self.fleet: list[workflow_tables.Statement] = []
 
     def add(self, m: EventMessage) -> bool:
         """Add what ``m`` does; False (and nothing added) for a type with no handler."""
         statements = workflow_tables.HANDLERS.get(m.type)
         if statements is not None:
             self.workflow.extend(statements(m))
+            return True
+        statements = fleet_tables.HANDLERS.get(m.type)
+        if statements is not None:
+            self.fleet.extend(statements(m))
             return True
         handler = HANDLERS.get(m.type)
         if handler is None:
@@ -313,8 +320,10 @@ class PostgresReadModel:
 
     name = "postgres"
     #: The event types it shows, and those it leaves out on purpose.
-    HANDLED: frozenset[str] = frozenset(HANDLERS) | frozenset(workflow_tables.HANDLERS)
-    NOT_SHOWN: frozenset[str] = workflow_tables.NOT_SHOWN
+    HANDLED: frozenset[str] = (
+        frozenset(HANDLERS) | frozenset(workflow_tables.HANDLERS) | frozenset(fleet_tables.HANDLERS)
+    )
+    NOT_SHOWN: frozenset[str] = workflow_tables.NOT_SHOWN | fleet_tables.NOT_SHOWN
     #: The database, or the store it reads a job's sweep from, is away: not the event's fault.
     transient: tuple[type[BaseException], ...] = (
         psycopg.OperationalError,
@@ -381,6 +390,7 @@ class PostgresReadModel:
             self.conn.execute(*READ_SCHEMA_LOCK.xact_lock())
             self.conn.execute(self.q(DDL))
             self.conn.execute(self.q(workflow_tables.DDL))
+            self.conn.execute(self.q(fleet_tables.DDL))
 
     def reset(self) -> None:
         with self.conn.transaction():
@@ -458,6 +468,8 @@ class PostgresReadModel:
 
     def _write(self, cur: psycopg.Cursor[Any], c: _Changes) -> None:
         for statement, params in workflow_tables.in_bulk(c.workflow):
+            cur.execute(self.q(statement), params)
+        for statement, params in c.fleet:
             cur.execute(self.q(statement), params)
         if c.jobs:
             cur.executemany(
@@ -539,6 +551,7 @@ class PostgresReadModel:
                 ("task_executions", "execution_id"),
                 ("execution_leases", "lease_key"),
                 ("events", "event_id"),
+                *fleet_tables.TABLES,
             ):
                 rows = self.conn.execute(
                     self.q(f"SELECT * FROM {{schema}}.{table} ORDER BY {key}")

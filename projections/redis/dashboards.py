@@ -9,19 +9,33 @@ runner rebuilds it from the event store.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import redis
 
-from domain import workflows
-from domain.ids import job_id, spot_id
+from domain import agents, contexts, meshes, sagas, targets, workflows
+from domain.agents import ACTIVE as AGENT_ACTIVE
+from domain.agents import TERMINATED
+from domain.ids import job_id, mesh_id, spot_id
 from domain.registry import event_type
+from domain.sagas.definitions import MESH_FORMATION
+from domain.sagas.saga import ABORTED, COMPENSATED, COMPENSATING, COMPLETED
 from domain.spots import DOWN, UP
 from projections.dispatch import Unhandled
+from projections.postgres.fleet import (
+    FORMING,
+    KIND_OF,
+    MESH_ACTIVE,
+    MESH_DISSOLVED,
+    MESH_FAILED,
+    MESH_PENDING,
+)
 from projections.status import DONE, FAILED, NEW, RUNNING
 from schemas.codec import EventMessage
 
@@ -32,16 +46,54 @@ local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 local new = tonumber(ARGV[2])
 if new <= v then return 0 end
 if new > v + 1 then return -1 end
-redis.call('HSET', KEYS[1], ARGV[1], new)
+-- An op's arguments: HSET and HINCRBY key field value; MOVE entity counts state;
+-- MOVEIF entity counts from to; MOVEIFREF base hash counts from to (MOVEIF of the
+-- entity base .. the 'ref' field of hash, if it has one); MOVEMIN entity counts n
+-- atleast below.
+local arity = {HSET = 3, HINCRBY = 3, MOVE = 3, MOVEIF = 4, MOVEIFREF = 5, MOVEMIN = 5}
 local i = 3
+while i <= #ARGV do
+  local n = arity[ARGV[i]]
+  if n == nil then return redis.error_reply('unknown op ' .. ARGV[i]) end
+  i = i + n + 1
+end
+-- The entity's state becomes ``to``: the counts by state follow.
+local function move(key, counts, to)
+  local old = redis.call('HGET', key, 'state')
+  if old == to then return end
+  if old then redis.call('HINCRBY', counts, old, -1) end
+  redis.call('HINCRBY', counts, to, 1)
+  redis.call('HSET', key, 'state', to)
+end
+-- Only from state ``from`` ('' for an entity with no state yet).
+local function move_if(key, counts, from, to)
+  if (redis.call('HGET', key, 'state') or '') == from then move(key, counts, to) end
+end
+redis.call('HSET', KEYS[1], ARGV[1], new)
+i = 3
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'HSET' then
     redis.call('HSET', ARGV[i+1], ARGV[i+2], ARGV[i+3])
   elseif op == 'HINCRBY' then
     redis.call('HINCRBY', ARGV[i+1], ARGV[i+2], ARGV[i+3])
+  elseif op == 'MOVE' then
+    move(ARGV[i+1], ARGV[i+2], ARGV[i+3])
+  elseif op == 'MOVEIF' then
+    move_if(ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4])
+  elseif op == 'MOVEIFREF' then
+    local ref = redis.call('HGET', ARGV[i+2], 'ref')
+    if ref then move_if(ARGV[i+1] .. ref, ARGV[i+3], ARGV[i+4], ARGV[i+5]) end
+  else
+    -- MOVEMIN: ARGV[i+4] when n is at least the entity's 'min', else ARGV[i+5]
+    local min = tonumber(redis.call('HGET', ARGV[i+1], 'min') or '0')
+    if tonumber(ARGV[i+3]) >= min then
+      move(ARGV[i+1], ARGV[i+2], ARGV[i+4])
+    else
+      move(ARGV[i+1], ARGV[i+2], ARGV[i+5])
+    end
   end
-  i = i + 4
+  i = i + arity[op] + 1
 end
 return 1
 """
@@ -62,6 +114,31 @@ class RedisKeys:
         #: Workflow runs by state (RUNNING, PAUSED, COMPLETED...).
         self.workflow_runs = f"{prefix}:workflow_runs"
 
+        #: The fleet's counts by state: targets, agents, meshes (``fleet:...``), and
+        #: sagas per kind (:meth:`sagas`).
+        self.targets = f"{prefix}:fleet:targets"
+        self.agents = f"{prefix}:fleet:agents"
+        self.meshes = f"{prefix}:fleet:meshes"
+        #: Target aggregate id → its current workloads, and → its target id.
+        self.target_workloads = f"{prefix}:fleet:target_workloads"
+        self.target_names = f"{prefix}:fleet:target_names"
+
+    def sagas(self, kind: str) -> str:
+        """Sagas of ``kind`` (agent_spawning, mesh_formation) by state."""
+        return f"{self.prefix}:fleet:sagas:{kind}"
+
+    def target(self, uuid: UUID) -> str:
+        """A target's state (the counts' MOVE keeps it)."""
+        return f"{self.prefix}:fleet:target:{uuid}"
+
+    def mesh(self, mesh_id: str) -> str:
+        """A mesh's state and ``min`` members."""
+        return f"{self.prefix}:fleet:mesh:{mesh_id}"
+
+    def saga(self, uuid: UUID) -> str:
+        """A saga's state, and (``ref``) its mesh's id for a mesh formation."""
+        return f"{self.prefix}:fleet:saga:{uuid}"
+
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
@@ -69,7 +146,9 @@ class RedisKeys:
         return f"{self.prefix}:spot:{spot_id}"
 
 
-Op = tuple[str, str, str, str | int | float]
+#: ``(op, key, field, value)`` for HSET and HINCRBY; the fleet's state moves take more
+#: (see ``APPLY``).
+Op = tuple[str | int | float, ...]
 
 
 Handler = Callable[[RedisKeys, EventMessage], list[Op]]
@@ -168,6 +247,110 @@ HANDLERS["WorkflowRun.Started"] = _run_started
 HANDLERS["WorkflowRun.StateChanged"] = _run_state_changed
 
 
+# ---- the fleet: targets, agents, meshes and sagas by state; targets' workloads --------
+
+
+def _target_registered(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    uuid = str(m.aggregate_id)
+    return [
+        ("HSET", keys.target_names, uuid, m.data["target_id"]),
+        ("HINCRBY", keys.target_workloads, uuid, 0),
+        ("MOVE", keys.target(m.aggregate_id), keys.targets, m.data["state"]),
+    ]
+
+
+def _target_updated(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    return [("MOVE", keys.target(m.aggregate_id), keys.targets, m.data["state"])]
+
+
+def _workloads(n: int) -> Handler:
+    def ops(keys: RedisKeys, m: EventMessage) -> list[Op]:
+        return [("HINCRBY", keys.target_workloads, str(m.aggregate_id), n)]
+
+    return ops
+
+
+def _agent_spawned(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    return [("HINCRBY", keys.agents, AGENT_ACTIVE, 1)]
+
+
+def _agent_terminated(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    """Only an ACTIVE agent is terminated (``Agent.terminate``)."""
+    return [("HINCRBY", keys.agents, AGENT_ACTIVE, -1), ("HINCRBY", keys.agents, TERMINATED, 1)]
+
+
+def _mesh_formed(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    """The mesh's own state replaces FORMING or FAILED (whichever aggregate came first)."""
+    mesh = keys.mesh(mesh_id(m.aggregate_id))
+    return [
+        ("HSET", mesh, "min", m.data["min_members"]),
+        ("MOVEMIN", mesh, keys.meshes, 0, MESH_ACTIVE, MESH_PENDING),
+    ]
+
+
+def _topology_changed(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    mesh = keys.mesh(mesh_id(m.aggregate_id))
+    return [("MOVEMIN", mesh, keys.meshes, len(m.data["members"]), MESH_ACTIVE, MESH_PENDING)]
+
+
+def _mesh_dissolved(keys: RedisKeys, m: EventMessage) -> list[Op]:
+    return [("MOVE", keys.mesh(mesh_id(m.aggregate_id)), keys.meshes, MESH_DISSOLVED)]
+
+
+def _saga_moves(state: str) -> Handler:
+    """The saga is now in ``state``; a formation saga that ends before its mesh is formed
+    leaves the mesh FAILED."""
+
+    def ops(keys: RedisKeys, m: EventMessage) -> list[Op]:
+        kind = KIND_OF[m.aggregate_type]
+        saga = keys.saga(m.aggregate_id)
+        out: list[Op] = []
+        if state == RUNNING and kind == MESH_FORMATION:  # Started
+            mesh = json.loads(m.data["params"])["meshId"]
+            out += [
+                ("HSET", saga, "ref", mesh),  # the id, not the key: a rebuild has another prefix
+                ("MOVEIF", keys.mesh(mesh), keys.meshes, "", FORMING),
+            ]
+        out.append(("MOVE", saga, keys.sagas(kind), state))
+        if state in (COMPENSATED, ABORTED) and kind == MESH_FORMATION:
+            out.append(("MOVEIFREF", keys.mesh(""), saga, keys.meshes, FORMING, MESH_FAILED))
+        return out
+
+    return ops
+
+
+HANDLERS.update(
+    {
+        "Target.Registered": _target_registered,
+        "Target.Updated": _target_updated,
+        "Target.Reserved": _workloads(1),
+        "Target.Released": _workloads(-1),
+        "Agent.Spawned": _agent_spawned,
+        "Agent.Terminated": _agent_terminated,
+        "Mesh.Formed": _mesh_formed,
+        "Mesh.TopologyChanged": _topology_changed,
+        "Mesh.Dissolved": _mesh_dissolved,
+    }
+)
+for _prefix in KIND_OF:
+    HANDLERS.update(
+        {
+            f"{_prefix}.Started": _saga_moves(RUNNING),
+            f"{_prefix}.CompensationStarted": _saga_moves(COMPENSATING),
+            f"{_prefix}.Completed": _saga_moves(COMPLETED),
+            f"{_prefix}.Compensated": _saga_moves(COMPENSATED),
+            f"{_prefix}.Aborted": _saga_moves(ABORTED),
+        }
+    )
+
+#: Fleet events that move no counter: contexts, and what changes no state.
+FLEET_NOT_SHOWN: frozenset[str] = frozenset(
+    event_type(e)
+    for family in (targets.FAMILY, contexts.FAMILY, agents.FAMILY, meshes.FAMILY, sagas.FAMILY)
+    for e in family.events
+) - frozenset(HANDLERS)
+
+
 def ops_for(keys: RedisKeys, m: EventMessage) -> list[Op] | None:
     """The changes one event makes to the dashboards; None for a type with no handler."""
     handler = HANDLERS.get(m.type)
@@ -237,12 +420,12 @@ class RedisReadModel:
     """Applies events to the Redis dashboards under ``prefix``."""
 
     name = "redis"
-    #: The event types it shows, and those it leaves out on purpose (none).
+    #: The event types it shows, and those it leaves out on purpose.
     HANDLED: frozenset[str] = frozenset(HANDLERS)
     #: Workflow events that move no dashboard counter.
-    NOT_SHOWN: frozenset[str] = frozenset(
-        event_type(e) for e in workflows.FAMILY.events
-    ) - frozenset(HANDLERS)
+    NOT_SHOWN: frozenset[str] = (
+        frozenset(event_type(e) for e in workflows.FAMILY.events) - frozenset(HANDLERS)
+    ) | FLEET_NOT_SHOWN
     #: Unreachable, loading, read-only (a replica) or out of memory: not the event's fault.
     transient: tuple[type[BaseException], ...] = (
         redis.ConnectionError,

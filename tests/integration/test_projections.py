@@ -72,7 +72,6 @@ pytestmark = pytest.mark.integration
 
 SETTINGS = Settings()
 JOIN = 30.0  # a consumer group joins in about 3 s on the embedded broker
-ALL_PARTITIONS = 6 + 4
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -192,7 +191,9 @@ class WatchedProjector(Projector):
         self.partitions.difference_update((tp.topic, tp.partition) for tp in partitions)
 
     def assigned(self) -> bool:
-        return len(self.partitions) == ALL_PARTITIONS
+        """Every partition of every event topic (as the catalogue created them)."""
+        wanted = sum(s.partitions for s in self.catalogue.specs() if s.name in self.topics)
+        return len(self.partitions) == wanted
 
     def catch_ups_since(self, moment: float) -> int:
         return sum(1 for t in self.catch_ups if t >= moment)
