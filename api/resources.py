@@ -63,6 +63,9 @@ class FastViews(Protocol):
 
     async def counts(self) -> dict[str, int]: ...
 
+    async def read_model_lag_ms(self) -> float:
+        """Mean event-stored → read-model-applied time of the latest events (ms)."""
+
     async def workflow_runs(self) -> dict[str, int]:
         """Workflow runs by state."""
         ...
@@ -99,9 +102,6 @@ class TableViews(Protocol):
 
     async def fleet_counts(self) -> dict[str, Any]:
         """Targets, agents, meshes and sagas by state."""
-
-    async def task_rate(self) -> dict[str, float]:
-        """Tasks finished per second over the last minute, and their mean run time."""
 
 
 class Stage(Protocol):

@@ -115,6 +115,14 @@ class RedisViews:
         raw: dict[str, str] = await self.client.hgetall(self.keys.workflow_runs)  # type: ignore[assignment]
         return {k: int(v) for k, v in raw.items() if int(v)}
 
+    async def read_model_lag_ms(self, samples: int = 1000) -> float:
+        """The mean of the PostgreSQL read model's latest lag samples (event stored →
+        applied, ms; :class:`~projections.redis.dashboards.LagSamples`); 0 when none."""
+        raw: list[str] = await self.client.lrange(  # type: ignore[assignment]
+            f"{self.keys.prefix}:metrics:lag_ms:postgres", 0, samples - 1
+        )
+        return sum(float(x) for x in raw) / len(raw) if raw else 0.0
+
     async def fleet(self) -> dict[str, dict[str, int]]:
         """The fleet's counts, as :meth:`PostgresViews.fleet_counts` gives them: targets,
         agents, meshes and sagas by state (only states something is in), sagas of each
