@@ -136,6 +136,7 @@ async def phase(base: str, target: str, mesh: str, n: int, clients: int) -> dict
             if failed["state"] == "FAILED"
         ]
         status = (await http.get(f"/v1/targets/{target}/status")).json()
+        odd = [v for v in views if v["state"] != "COMPLETED"]
     return {
         "sagas": n,
         "sagas_per_second": n / (last - first),
@@ -152,6 +153,7 @@ async def phase(base: str, target: str, mesh: str, n: int, clients: int) -> dict
             else None
         ),
         "target_current_workloads": status["current_workloads"],
+        "example": {"reason": odd[0]["reason"], "steps": odd[0]["steps"]} if odd else None,
     }
 
 
@@ -198,7 +200,7 @@ async def bench(base: str, faults: Path, args: argparse.Namespace) -> dict[str, 
                 f"{name}: the target holds {result['target_current_workloads']} agents, {completed} sagas completed"
             )
     if clean["states"] != {"COMPLETED": args.sagas}:
-        raise SystemExit(f"clean phase: {clean['states']}")
+        raise SystemExit(f"clean phase: {clean['states']}; e.g. {clean['example']}")
     return {"clean": clean, "failing_20pct_register": failing}
 
 

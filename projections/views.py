@@ -317,7 +317,7 @@ class PostgresViews:
     async def sagas(self, states: list[str], kind: str | None, limit: int) -> list[dict[str, Any]]:
         """Sagas in ``states`` (all when empty) of ``kind`` (all when None), newest first."""
         rows = await self._all(
-            "SELECT id, kind, state, reason, started_at, ended_at FROM {schema}.sagas "
+            "SELECT id, kind, state, reason, started_at, ended_at, updated_at FROM {schema}.sagas "
             "WHERE (cardinality(%s::text[]) = 0 OR state = ANY(%s::text[])) "
             "AND (%s::text IS NULL OR kind = %s) "
             "ORDER BY started_at DESC, id DESC LIMIT %s",
@@ -332,6 +332,7 @@ class PostgresViews:
                 "reason": r["reason"],
                 "startedAt": _iso(r["started_at"]),
                 "endedAt": _iso(r["ended_at"]),
+                "updatedAt": _iso(r["updated_at"]),
             }
             for r in rows
         ]

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from typing import Any
 from uuid import UUID
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 #: How long past a step's deadline a runner waits for its handler before giving up on it
 #: (the writer has timed it out by then).
 GRACE_SECONDS = 0.5
+#: A saga is swept when it has not changed for this many sweep intervals.
+STALE_AFTER = 2
 
 
 @dataclass(frozen=True)
@@ -255,9 +258,14 @@ class SagaRunner:
     # ---- the sweep -------------------------------------------------------------------------
 
     async def sweep_once(self) -> None:
-        """Try every open saga the read model lists that nothing here works on."""
+        """Try every open saga the read model lists that nothing here works on and that
+        has not changed for ``STALE_AFTER`` sweeps: one that moves has its cues coming."""
+        quiet_since = time.time() - self.sweep_interval * STALE_AFTER
         for found in await self.api.open_sagas():
             saga, kind, state = found["sagaId"], found["kind"], found["state"]
+            updated = found.get("updatedAt")
+            if updated and datetime.fromisoformat(updated).timestamp() > quiet_since:
+                continue
             if state == "COMPENSATING":
                 self._spawn(saga, "compensate", partial(self.compensate, saga))
             elif kind == AGENT_SPAWNING:

@@ -89,16 +89,19 @@ class Mesh(Aggregate):
         return ACTIVE if len(self.members) >= self.min_members else PENDING
 
     class TopologyChanged(Aggregate.Event):
+        """Who joined and left, and the size after: not the whole membership, which
+        would make every join of an n-member mesh an event of n ids."""
+
         joined: list[str]
         left: list[str]
-        members: list[str]
+        size: int
         at: datetime
 
     @event(TopologyChanged)
-    def _changed(
-        self, joined: list[str], left: list[str], members: list[str], at: datetime
-    ) -> None:
-        self.members = list(members)
+    def _changed(self, joined: list[str], left: list[str], size: int, at: datetime) -> None:
+        self.members = [m for m in self.members if m not in left] + [
+            a for a in joined if a not in self.members
+        ]
 
     def check_join(self, agent: str, capabilities: dict[str, str]) -> bool:
         """Whether ``agent`` joining changes anything; raises :class:`MeshError` naming the
@@ -117,7 +120,7 @@ class Mesh(Aggregate):
 
     def join(self, agent: str, capabilities: dict[str, str], at: datetime) -> None:
         if self.check_join(agent, capabilities):
-            self._changed([agent], [], [*self.members, agent], at)
+            self._changed([agent], [], len(self.members) + 1, at)
 
     def leave(self, agent: str, at: datetime, undo: bool = False) -> bool:
         """``agent`` leaves; ``undo``: a saga undoing its own join, never refused."""
@@ -128,7 +131,7 @@ class Mesh(Aggregate):
                 f"mesh has {len(self.members)} members and min_members {self.min_members}: "
                 "dissolve it instead"
             )
-        self._changed([], [agent], [m for m in self.members if m != agent], at)
+        self._changed([], [agent], len(self.members) - 1, at)
         return True
 
     class PerformanceImproved(Aggregate.Event):

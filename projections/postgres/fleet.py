@@ -337,14 +337,16 @@ def _mesh_formed(m: EventMessage) -> list[Statement]:
 
 def _topology_changed(m: EventMessage) -> list[Statement]:
     d = m.data
-    members = list(d["members"])
+    joined, left = list(d["joined"]), list(d["left"])
     return [
         (
-            "UPDATE {schema}.meshes SET members = %s::jsonb, state = CASE "
-            f"WHEN state = {literal(MESH_DISSOLVED)} THEN state "
+            # jsonb - text[] takes those strings out of the array; applied once per
+            # version (the projector's tracking), so joined ids are appended once.
+            "UPDATE {schema}.meshes SET members = (members - %s::text[] - %s::text[]) || %s::jsonb, "
+            f"state = CASE WHEN state = {literal(MESH_DISSOLVED)} THEN state "
             f"WHEN %s >= min_members THEN {literal(MESH_ACTIVE)} "
             f"ELSE {literal(MESH_PENDING)} END, updated_at = %s WHERE id = %s",
-            (json.dumps(members), len(members), d["at"], mesh_id(m.aggregate_id)),
+            (left, joined, json.dumps(joined), d["size"], d["at"], mesh_id(m.aggregate_id)),
         )
     ]
 

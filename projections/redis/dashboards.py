@@ -290,7 +290,7 @@ def _mesh_formed(keys: RedisKeys, m: EventMessage) -> list[Op]:
 
 def _topology_changed(keys: RedisKeys, m: EventMessage) -> list[Op]:
     mesh = keys.mesh(mesh_id(m.aggregate_id))
-    return [("MOVEMIN", mesh, keys.meshes, len(m.data["members"]), MESH_ACTIVE, MESH_PENDING)]
+    return [("MOVEMIN", mesh, keys.meshes, m.data["size"], MESH_ACTIVE, MESH_PENDING)]
 
 
 def _mesh_dissolved(keys: RedisKeys, m: EventMessage) -> list[Op]:
