@@ -121,7 +121,9 @@ class SagaRunner:
         except ValueError:
             return
         if kind == "AgentSpawning":
-            if event in ("Started", "StepSucceeded"):
+            # The drive takes every step in turn: its Started is the only cue it needs
+            # (a runner that died mid-way leaves a step to time out, or the sweep).
+            if event == "Started":
                 self._spawn(saga, "drive", partial(self.drive, saga))
         elif kind == "MeshFormation":
             for participant in self.participants:
