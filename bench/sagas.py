@@ -142,12 +142,12 @@ async def phase(base: str, target: str, mesh: str, n: int, clients: int) -> dict
         "sagas_per_second": n / (last - first),
         "spawns_sent_per_second": n / (sent_all - first),
         "states": states,
-        "spawn_http_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)},
+        "spawn_http_ms": {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99)},
         "failure_to_compensated_ms": (
             {
                 "n": len(to_compensated),
-                "p50": percentile(to_compensated, 50),
-                "p99": percentile(to_compensated, 99),
+                "p50": percentile(to_compensated, 0.5),
+                "p99": percentile(to_compensated, 0.99),
             }
             if to_compensated
             else None

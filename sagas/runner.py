@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 #: How long past a step's deadline a runner waits for its handler before giving up on it
 #: (the writer has timed it out by then).
 GRACE_SECONDS = 0.5
+#: Sagas one runner drives at once. The rest wait for a slot before their first step
+#: (their steps' clocks have not started): a saga once begun goes through its steps
+#: at the API's pace instead of queuing every step behind every other saga's.
+MAX_SAGAS = 32
 #: A saga is swept when it has not changed for this many sweep intervals.
 STALE_AFTER = 2
 
@@ -100,6 +104,7 @@ class SagaRunner:
         faults: Faults | None = None,
         sweep_interval: float = 2.0,
         participants: Iterable[Participant] = PARTICIPANTS,
+        max_sagas: int = MAX_SAGAS,
     ):
         self.api = api
         self.handlers = handlers
@@ -109,6 +114,7 @@ class SagaRunner:
         #: (saga, role) being worked on here: a cue for one of them is not acted on twice.
         self.busy: set[tuple[str, str]] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(max_sagas)
         self.stopping = asyncio.Event()
 
     # ---- cues --------------------------------------------------------------------------
@@ -148,7 +154,8 @@ class SagaRunner:
 
         async def run() -> None:
             try:
-                await work()
+                async with self.slots:
+                    await work()
             except (httpx.HTTPError, OSError) as error:
                 log.warning("saga %s (%s): %s; the sweep will try again", saga, role, error)
             except Exception:  # one saga's trouble must not stop the runner
