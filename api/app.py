@@ -82,6 +82,7 @@ def create_app(ctx: r.ApiContext, agent_key: str = "", middleware: list[Any] | N
     route("/api/v1/meshes/{mesh:mesh}", meshes, suffix="one")
     route("/api/v1/meshes/{mesh:mesh}/performance", meshes, suffix="performance")
     route("/api/v1/meshes/{mesh:mesh}/members/{agent:agent}", meshes, suffix="member")
+    route("/api/v1/system/events", f.SystemEvents(ctx))
     scheduler = f.Scheduler(ctx)
     route("/v1/scheduler/health", scheduler, suffix="health")
     route("/v1/scheduler/metrics", scheduler, suffix="metrics")

@@ -20,6 +20,7 @@ import falcon.asgi
 from api import validation as v
 from api.errors import answer
 from api.resources import ApiContext, submit
+from api.workflows import json_text
 from domain.agents import EvolveAgentCapabilities, TerminateAgent, UpdateAgentPerformance
 from domain.contexts import ModifyContext
 from domain.ids import (
@@ -33,6 +34,7 @@ from domain.ids import (
 )
 from domain.meshes import TOPOLOGIES, DissolveMesh, ImproveMeshPerformance, LeaveMesh
 from domain.sagas import AGENT_SPAWNING, MESH_FORMATION, StartMeshFormation, StartSpawn
+from domain.system import SEED_NAMES, RecordSystemEvent
 from domain.targets import TARGET_STATES, Limits, UpdateTarget
 from projections.views import CONNECTED, wait_until_applied
 
@@ -338,3 +340,23 @@ class Scheduler:
             "error_count": counts.get("FAILED", 0),
             "active_targets": fleet.get("targets", {}).get("READY", 0),
         }
+
+
+class SystemEvents:
+    """``POST /api/v1/system/events``: record one of seed 001's system events."""
+
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        body = await v.json_body(req)
+        kind = v.text(body, "type", max_len=64)
+        if kind not in SEED_NAMES:
+            raise falcon.HTTPBadRequest(description=f"type must be one of {', '.join(SEED_NAMES)}")
+        detail = body.get("detail", {})
+        if not isinstance(detail, dict):
+            raise falcon.HTTPBadRequest(description="detail must be a JSON object")
+        json_text(detail, "detail")  # refused past the cap
+        reason = str(v.text(body, "reason", max_len=1024))
+        answer(resp, await submit(self.ctx, req, RecordSystemEvent(str(kind), reason, detail)))
+        resp.status = falcon.HTTP_201

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from eventsourcing.persistence import Transcoding
 
-from domain import agents, contexts, jobs, meshes, sagas, spots, targets, workflows
+from domain import agents, contexts, jobs, meshes, sagas, spots, system, targets, workflows
 from domain.family import Family
 
 FAMILIES: tuple[Family, ...] = (
@@ -23,6 +23,7 @@ FAMILIES: tuple[Family, ...] = (
     agents.FAMILY,
     meshes.FAMILY,
     sagas.FAMILY,
+    system.FAMILY,
 )
 
 #: Every event Tadpole stores, in the order the schemas are listed.

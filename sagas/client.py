@@ -82,6 +82,13 @@ class SagaApi:
         path = f"/internal/v1/sagas/{taken.saga_id}/compensations/{taken.step}/finish"
         return await self._post(path, {"fenceToken": taken.fence, **report})
 
+    async def record_system_event(self, kind: str, reason: str, detail: dict[str, Any]) -> None:
+        async with self.slots:
+            response = await self.http.post(
+                "/api/v1/system/events", json={"type": kind, "reason": reason, "detail": detail}
+            )
+        response.raise_for_status()
+
     async def saga(self, saga: str) -> dict[str, Any] | None:
         async with self.slots:
             response = await self.http.get(f"/api/v1/sagas/{saga}")

@@ -296,7 +296,20 @@ class SagaRunner:
             if participant.after == last:
                 await self.participate(participant, saga)
 
+    async def announce_recovery(self) -> None:
+        """Seed 001's ``recovery_process_initiated``, when this runner starts with open sagas
+        to carry on (after a restart, say)."""
+        found = await self.api.open_sagas()
+        if found:
+            await self.api.record_system_event(
+                "recovery_process_initiated",
+                f"saga runner {self.api.driver} started with {len(found)} open sagas",
+                {"driver": self.api.driver, "openSagas": len(found)},
+            )
+
     async def sweep(self) -> None:
+        with contextlib.suppress(httpx.HTTPError, OSError, KeyError):
+            await self.announce_recovery()
         while not self.stopping.is_set():
             try:
                 await self.sweep_once()

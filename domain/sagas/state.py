@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+from domain import system
 from domain.family import Config, ConflictError, Loader, NotFoundError, Phase, Recent, Result
 from domain.ids import agent_id, mesh_id
 from domain.processor import UnitOfWork
@@ -65,9 +66,24 @@ class SagasWork:
     def __init__(self, state: OpenSagas, uow: UnitOfWork):
         self.state = state
         self.uow = uow
+        self.aborted: set[UUID] = set()
 
     def end_phase(self, phase: Phase) -> None:
         pass
+
+    def _add(self, saga: Saga) -> None:
+        """Store the saga's changes with the batch; a saga that was just ABORTED also
+        records seed 001's ``emergency_state_activated`` (a human must look)."""
+        self.uow.add(saga)
+        aborted_now = any(type(e).__name__ == "Aborted" for e in saga.pending_events)
+        if aborted_now and saga.id not in self.aborted:
+            self.aborted.add(saga.id)
+            system.record(
+                self.uow,
+                "emergency_state_activated",
+                f"saga {saga.public_id} aborted: {saga.reason}",
+                {"sagaId": saga.public_id, "kind": saga.kind},
+            )
 
     def commit(self) -> None:
         pass
@@ -233,7 +249,7 @@ class SagasWork:
                 saga.compensation_failed(c.step, c.driver, c.fence, error, self.uow.now)
         except SagaError as problem:
             return ConflictError(str(problem))
-        self.uow.add(saga)
+        self._add(saga)
         return self._finished(saga, c.step)
 
     def fire_timers(self, c: FireSagaTimers) -> Result:
@@ -241,7 +257,7 @@ class SagasWork:
         for saga in list(self.state.open.values()):
             due = saga.next_timer()
             if due is not None and due <= self.uow.ts and saga.fire(self.uow.now):
-                self.uow.add(saga)
+                self._add(saga)
                 fired.append(saga.public_id)
         return TimersFired(fired)
 

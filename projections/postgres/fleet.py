@@ -583,7 +583,16 @@ HANDLERS: dict[str, Callable[[EventMessage], list[Statement]]] = {
 }
 
 #: Every fleet event is shown.
-NOT_SHOWN: frozenset[str] = frozenset()
+#: Seed 001's system events: the audit API and the topic's subscribers show them.
+NOT_SHOWN: frozenset[str] = frozenset(
+    {
+        "System.Started",
+        "System.ConfigurationChanged",
+        "System.OptimizationCycleCompleted",
+        "System.EmergencyStateActivated",
+        "System.RecoveryProcessInitiated",
+    }
+)
 
 #: The tables and their keys, for :meth:`PostgresReadModel.dump`.
 TABLES: tuple[tuple[str, str], ...] = (

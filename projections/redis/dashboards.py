@@ -19,7 +19,7 @@ from uuid import UUID
 
 import redis
 
-from domain import agents, contexts, meshes, sagas, targets, workflows
+from domain import agents, contexts, meshes, sagas, system, targets, workflows
 from domain.agents import ACTIVE as AGENT_ACTIVE
 from domain.agents import TERMINATED
 from domain.ids import job_id, mesh_id, spot_id
@@ -346,7 +346,14 @@ for _prefix in KIND_OF:
 #: Fleet events that move no counter: contexts, and what changes no state.
 FLEET_NOT_SHOWN: frozenset[str] = frozenset(
     event_type(e)
-    for family in (targets.FAMILY, contexts.FAMILY, agents.FAMILY, meshes.FAMILY, sagas.FAMILY)
+    for family in (
+        targets.FAMILY,
+        contexts.FAMILY,
+        agents.FAMILY,
+        meshes.FAMILY,
+        sagas.FAMILY,
+        system.FAMILY,
+    )
     for e in family.events
 ) - frozenset(HANDLERS)
 

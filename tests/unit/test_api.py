@@ -1428,7 +1428,7 @@ def test_audit_of_an_unknown_aggregate_kind_is_404(api: Api) -> None:
     assert result.status_code == 404
     assert result.json == error(
         "unknown aggregate 'block': use workflow-run, workflow-task, job, task, spot, "
-        "target, context, agent, mesh or saga"
+        "target, context, agent, mesh, saga or system"
     )
 
 

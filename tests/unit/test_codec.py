@@ -82,6 +82,7 @@ def stored_messages() -> list[EventMessage]:
     p.process([Heartbeat(sleeper)], at(22))  # Spot.CameUp
     assert lost.task_id
     workflow_life(p, worker)
+    fleet_life(p)
     return [
         message_from_event(store.mapper.to_domain_event(n), n.id)
         for n in store.notifications(0, 1000)
@@ -117,6 +118,108 @@ def workflow_life(p: CommandProcessor, spot: str) -> None:
     p.process([RetryWorkflowTask(run, "b", None)], at(35))  # TaskRetried
     p.process([CompensateRun(run, "a")], at(36))  # CompensationStarted
     p.process([CancelRun(run)], at(37))  # Cancelled
+
+
+def fleet_life(p: CommandProcessor) -> None:
+    """Every event of targets, contexts, agents, meshes, sagas and the system."""
+    from uuid import UUID, uuid4
+
+    from domain.agents import EvolveAgentCapabilities, TerminateAgent, UpdateAgentPerformance
+    from domain.contexts import ModifyContext
+    from domain.meshes import DissolveMesh, ImproveMeshPerformance
+    from domain.sagas import (
+        FinishCompensation,
+        FinishStep,
+        FireSagaTimers,
+        StartMeshFormation,
+        StartSpawn,
+        StepTaken,
+        TakeCompensation,
+        TakeStep,
+    )
+    from domain.system import RecordSystemEvent
+    from domain.targets import Limits, UpdateTarget
+
+    def one(command: object, t: float) -> object:
+        (result,) = p.process([command], at(t))
+        assert not isinstance(result, Exception), result
+        return result
+
+    def take(saga: UUID, t: float, **declared: object) -> StepTaken:
+        taken = one(TakeStep(saga, "r1", **declared), t)  # type: ignore[arg-type]
+        assert isinstance(taken, StepTaken)
+        return taken
+
+    def finish(
+        saga: UUID, taken: StepTaken, t: float, ok: bool = True, final: bool = False
+    ) -> None:
+        one(FinishStep(saga, taken.step, "r1", taken.fence, ok, None, "no", True, final), t)
+
+    def compensate(saga: UUID, t: float, ok: bool = True) -> None:
+        taken = one(TakeCompensation(saga, "r1"), t)
+        assert isinstance(taken, StepTaken)
+        one(FinishCompensation(saga, taken.step, "r1", taken.fence, ok, None, "no", True), t)
+
+    limits = Limits(1000, 1 << 30, 10)
+    one(UpdateTarget("t1", "READY", {"gpu": "a100"}, limits), 40)  # Target.Registered
+    one(UpdateTarget("t1", "READY", {"gpu": "a100", "x": "1"}, limits), 40)  # Target.Updated
+    one(ModifyContext("c1", ("org",), {"a": "1"}), 40)  # Context.Created
+    one(ModifyContext("c1", ("org", "org/t"), {"a": "1"}), 40)  # Context.Modified
+    steps = [
+        ("negotiate_capabilities", None, "reset_capabilities"),
+        ("establish_connections", "negotiate_capabilities", "terminate_connections"),
+        ("synchronize_state", "establish_connections", "rollback_state"),
+    ]
+
+    def participant(n: int) -> dict[str, object]:
+        step, after, compensation = steps[n]
+        return {"step": step, "after": after, "timeout_seconds": 5.0, "compensation": compensation}
+
+    mesh_saga, mesh = uuid4(), uuid4()
+    one(StartMeshFormation(mesh_saga, mesh, "full", {"gpu": "a100"}, 1, 3), 41)
+    for n in range(3):  # MeshFormation.StepStarted, StepSucceeded, Completed; Mesh.Formed
+        finish(mesh_saga, take(mesh_saga, 41, **participant(n)), 41, final=n == 2)
+    spawned, agent = uuid4(), uuid4()
+    one(StartSpawn(spawned, agent, "t1", mesh, {"gpu": "a100"}, 100, 1000), 42)
+    for _ in range(3):  # Target.Reserved, Agent.Spawned, MeshJoined, Mesh.TopologyChanged
+        finish(spawned, take(spawned, 42), 42)
+    one(UpdateAgentPerformance(agent, {"score": 0.9}), 43)  # Agent.PerformanceUpdated
+    one(EvolveAgentCapabilities(agent, {"gpu": "a100", "fp8": "yes"}), 43)  # CapabilityEvolved
+    one(ImproveMeshPerformance(mesh, {"latency_ms": 3.5}), 43)  # Mesh.PerformanceImproved
+    one(TerminateAgent(agent, "done"), 44)  # Agent.MeshLeft, Terminated; Target.Released
+    # A spawn failing at its last step, one compensation failing once: StepFailed,
+    # CompensationStarted, CompensationTaken, CompensationFailed, StepCompensated, Compensated.
+    failing = uuid4()
+    one(StartSpawn(failing, uuid4(), "t1", None, {}, 100, 1000), 45)
+    finish(failing, take(failing, 45), 45)
+    finish(failing, take(failing, 45), 45)
+    finish(failing, take(failing, 45), 45, ok=False)
+    compensate(failing, 45, ok=False)
+    compensate(failing, 50)
+    compensate(failing, 50)
+    # A spawn whose step times out and whose compensation keeps failing: StepTimedOut,
+    # Aborted, and the system's EmergencyStateActivated.
+    stuck = uuid4()
+    one(StartSpawn(stuck, uuid4(), "t1", None, {}, 100, 1000), 60)
+    take(stuck, 60)
+    one(FireSagaTimers(), 70)
+    for n in range(5):
+        compensate(stuck, 80 + 20 * n, ok=False)
+    # Mesh formations: one failing after a step (compensated), one timing out and aborting.
+    compensated, aborted = uuid4(), uuid4()
+    for saga in (compensated, aborted):
+        one(StartMeshFormation(saga, uuid4(), "ring", {}, 0, 2), 200)
+        finish(saga, take(saga, 200, **participant(0)), 200)
+    finish(compensated, take(compensated, 200, **participant(1)), 200, ok=False)
+    compensate(compensated, 200)
+    take(aborted, 200, **participant(1))
+    one(FireSagaTimers(), 210)
+    for n in range(5):
+        compensate(aborted, 220 + 20 * n, ok=False)
+    one(DissolveMesh(mesh, "done"), 400)  # Mesh.Dissolved
+    for kind in ("system_configuration_changed", "optimization_cycle_completed"):
+        one(RecordSystemEvent(kind, "by hand", {"k": 1}), 400)
+    one(RecordSystemEvent("recovery_process_initiated", "runner restarted", {}), 400)
 
 
 @pytest.fixture(scope="module")
