@@ -51,7 +51,7 @@ def _project(args: argparse.Namespace) -> int:
 def _sagas(args: argparse.Namespace) -> int:
     from service.processes import run_sagas
 
-    return run_sagas(_settings(args), args.driver)
+    return run_sagas(_settings(args), args.driver, args.group)
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sagas.add_argument(
         "--driver", default="", help="this runner's name in the sagas' leases (default host-pid)"
+    )
+    sagas.add_argument(
+        "--group",
+        default="",
+        help="its consumer group (default <topic prefix>.sagas: runners share the cues; "
+        "in groups of their own each gets every cue, and the leases still let one drive)",
     )
     sagas.set_defaults(run=_sagas)
 

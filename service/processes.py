@@ -101,7 +101,7 @@ def run_projector(settings: Settings, which: str) -> int:
     return 0
 
 
-def run_sagas(settings: Settings, driver: str = "") -> int:
+def run_sagas(settings: Settings, driver: str = "", group: str = "") -> int:
     """The saga runner (``tadpole sagas``): drives sagas through the API until stopped."""
     import asyncio
     import socket
@@ -132,7 +132,7 @@ def run_sagas(settings: Settings, driver: str = "") -> int:
         catalogue = topic_catalogue(settings)
         cues = TopicCues(
             servers,
-            f"{settings.topic_prefix}.sagas",
+            group or f"{settings.topic_prefix}.sagas",
             [catalogue.agent_lifecycle, catalogue.topic("mesh_coordination")],
             runner.on_event,
             loop,

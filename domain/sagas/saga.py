@@ -148,6 +148,7 @@ class Saga(Aggregate):
             "outcome": s["outcome"] if s["error"] is None else s["error"],
             "compensation": s["compensation"],
             "compensatedAt": _iso(s["compensated"]),
+            "driver": s["driver"],
         }
 
     # ---- taking and finishing steps -----------------------------------------------------

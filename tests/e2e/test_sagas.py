@@ -409,3 +409,49 @@ def test_seed_000s_scheduler_endpoints_answer_in_its_shapes(stack: Stack) -> Non
         "active_targets",
     }
     assert metrics["active_targets"] >= 0
+
+
+def test_two_runners_racing_for_every_step_drive_each_saga_once(stack: Stack) -> None:
+    """A second runner in a consumer group of its own gets every cue the first gets: they
+    race for every step, and the leases let exactly one drive each."""
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import ROOT
+
+    second = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "sagas", "--driver", "second", "--group", "rival"],
+        env={**stack.env, "KAFKA_BOOTSTRAP_SERVERS": _broker(stack)},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        tag = uuid4().hex[:8]
+        target = put_target(stack, cpu=100_000, workloads=1000)
+        sagas: list[dict[str, Any]] = []
+
+        def both_drive() -> bool:  # the second runner joins its group in a few seconds
+            batch = [spawn(stack, target, None, tag) for _ in range(10)]
+            sagas.extend(ended(stack, a["sagaId"]) for a in batch)
+            drivers = {step["driver"] for s in sagas[-10:] for step in s["steps"]}
+            return len(drivers) == 2
+
+        wait_for(both_drive, 60, "both runners to drive steps", interval=0.5)
+        assert all(s["state"] == "COMPLETED" for s in sagas)
+        for s in sagas:
+            assert [step["state"] for step in s["steps"]] == ["SUCCEEDED"] * 3
+        workloads_become(stack, target, len(sagas))  # no step took effect twice
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(15)
+
+
+def _broker(stack: Stack) -> str:
+    """The embedded broker's address, as `tadpole up` gave it to its children."""
+    pid = stack.children()["sagas"]
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    for entry in environ:
+        if entry.startswith(b"KAFKA_BOOTSTRAP_SERVERS="):
+            return entry.split(b"=", 1)[1].decode()
+    raise AssertionError("the runner was given no broker")
