@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PORT ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit integration e2e lint typecheck bench bench-startup bench-workflows schemas clean help
+.PHONY: run test unit integration e2e lint typecheck bench bench-startup bench-workflows bench-sagas schemas clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -55,6 +55,9 @@ bench: $(STAMP) $(PEERS)/.installed ## benchmark Tadpole beside PgQueuer and DBO
 
 bench-workflows: $(STAMP) $(PEERS)/.installed ## 3-step workflows, 24 workers: runs/s and step-to-step latency beside DBOS (bench/results/workflows-<date>.json)
 	$(BIN)/python bench/workflows.py
+
+bench-sagas: $(STAMP) $(PEERS)/.installed ## agent-spawning sagas/s end to end, clean and with 20% of register steps failing, beside DBOS (bench/results/sagas-<date>.json)
+	$(BIN)/python bench/sagas.py
 
 bench-startup: $(STAMP) ## start-up to healthy and the API's memory, 1,000 vs 100,000 finished jobs (bench/results/startup-<date>.json)
 	$(BIN)/python bench/startup.py

@@ -20,6 +20,11 @@ Each saga's outcome is read back with ``GET /api/v1/sagas/{id}`` (the event
 store's truth), polled after all spawns were sent; times are the writer's own
 timestamps, so the polling does not enter the figures.
 
+Beside it, in the same run: DBOS Transact running the same saga as a user would write
+it there (bench/sagas_dbos.py, in bench/.venv-peers), the same number of sagas per
+phase at the same concurrency, on the same PostgreSQL; the ratios are Tadpole's
+sagas/s over DBOS's.
+
 Run with `make bench-sagas`; results go to bench/results/sagas-<date>.json.
 """
 
@@ -238,6 +243,29 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(stack.pid, 9)
             cleanup(name)
+    log("DBOS: the same saga, the same phases")
+    peers = ROOT / "bench" / ".venv-peers" / "bin" / "python"
+    dbos = json.loads(
+        subprocess.run(
+            [
+                str(peers),
+                "sagas_dbos.py",
+                "--sagas",
+                str(args.sagas),
+                "--concurrency",
+                str(args.clients),
+            ],
+            cwd=ROOT / "bench",
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    ratios = {
+        phase: results[phase]["sagas_per_second"] / dbos[phase]["sagas_per_second"]
+        for phase in ("clean", "failing_20pct_register")
+    }
+    results = {**results, "dbos": dbos, "ratio_tadpole_over_dbos": ratios}
     report = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "when": datetime.now(UTC).isoformat(),
