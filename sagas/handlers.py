@@ -154,7 +154,7 @@ class HttpHook:
         except pybreaker.CircuitBreakerError as error:
             return Report(ok=False, error=f"hook {self.url}: {error}")
         except _Retriable as error:
-            return Report(ok=False, error=f"hook {self.url} failed {RETRY_ATTEMPTS} times: {error}")
+            return Report(ok=False, error=f"hook {self.url} failed {self.attempts} times: {error}")
         if response.status_code >= 400:
             return Report(ok=False, error=f"hook {self.url} answered {response.status_code}")
         try:
