@@ -154,6 +154,8 @@ class Saga(Aggregate):
     # ---- taking and finishing steps -----------------------------------------------------
 
     def _check_report(self, step: str, driver: str, fence: int, states: tuple[str, ...]) -> None:
+        if RUNNING in states and self.state != RUNNING:
+            raise SagaError(f"saga is {self.state}: step {step} can no longer be reported")
         s = self.steps.get(step)
         if s is None:
             raise SagaError(f"step {step} was never taken")
@@ -183,6 +185,7 @@ class Saga(Aggregate):
                 "fence": self.fence,
                 "started": _ts(self.at),
                 "deadline": _ts(self.deadline),
+                "timeout": _ts(self.deadline) - _ts(self.at),
                 "ended": None,
                 "outcome": None,
                 "error": None,
@@ -330,7 +333,7 @@ class Saga(Aggregate):
         if _ts(at) < s["retry_at"]:
             raise SagaError(f"the compensation of {head} is retried from {_iso(s['retry_at'])}")
         fence = self.fence + 1
-        timeout = s["deadline"] - s["started"]  # the step's own timeout
+        timeout = s["timeout"]  # the step's own, on every attempt
         self.trigger_event(
             type(self).CompensationTaken,
             step=head,
@@ -349,7 +352,11 @@ class Saga(Aggregate):
         at: datetime
 
         def apply(self, saga: Saga) -> None:
-            saga.steps[self.step].update(state=STEP_COMPENSATED, compensated=_ts(self.at))
+            saga.steps[self.step].update(
+                state=STEP_COMPENSATED,
+                compensated=_ts(self.at),
+                compensation_outcome=json.loads(self.outcome),
+            )
             saga.to_compensate = list(self.remaining)
 
     def compensated(self, step: str, driver: str, fence: int, outcome: Any, at: datetime) -> None:
@@ -436,14 +443,15 @@ class Saga(Aggregate):
             return False
         if self.state == RUNNING:
             running = self.running_step()
-            if running is not None and ts >= running["deadline"]:
+            late = f"saga did not finish within {SAGA_TIMEOUT_SECONDS:g} s"
+            if running is not None:  # its own deadline, or the saga's: it is over either way
                 name = running["name"]
                 self.trigger_event(
                     type(self).StepTimedOut, step=name, fence=running["fence"], at=at
                 )
-                self._compensate(f"{name} timed out", at)
+                self._compensate(f"{name} timed out" if ts >= running["deadline"] else late, at)
             else:
-                self._compensate(f"saga did not finish within {SAGA_TIMEOUT_SECONDS:g} s", at)
+                self._compensate(late, at)
             return True
         head = self.next_compensation()
         if head is not None:

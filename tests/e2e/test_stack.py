@@ -249,7 +249,14 @@ def test_ctrl_c_or_sigterm_stops_the_whole_tree_cleanly(make_stack: Any, sig: in
     stack: Stack = make_stack()
     stack.start()
     children = stack.children()
-    assert set(children) == {"api", "relay", "projector-postgres", "projector-redis", "broker"}
+    assert set(children) == {
+        "api",
+        "relay",
+        "projector-postgres",
+        "projector-redis",
+        "sagas",
+        "broker",
+    }
     assert stack.process is not None
     stack.process.send_signal(sig)
     assert stack.process.wait(30) == 0

@@ -68,6 +68,7 @@ from streaming.broker import (
 from streaming.clientlog import CLIENT_LOG
 from streaming.topics import (
     AGENT_LIFECYCLE_PARTITIONS,
+    TOPIC_SETTINGS,
     WORKLOAD_PARTITIONS,
     TopicCatalogue,
     TopicError,
@@ -289,12 +290,15 @@ def test_catalogue_names() -> None:
     assert catalogue.workload == "tadpole.workload"
     assert catalogue.agent_lifecycle == "tadpole.agent_lifecycle"
     assert catalogue.dead_letter(catalogue.workload) == "tadpole.workload.dlq"
-    assert catalogue.all_topics == (
+    events = (
         "tadpole.workload",
         "tadpole.agent_lifecycle",
-        "tadpole.workload.dlq",
-        "tadpole.agent_lifecycle.dlq",
+        "tadpole.system_events",
+        "tadpole.mesh_coordination",
+        "tadpole.performance_metrics",
     )
+    assert set(catalogue.event_topics) == set(events)
+    assert set(catalogue.all_topics) == {*events, *(f"{t}.dlq" for t in events)}
     for bad in ("", "has space", "slash/no", "x" * 300):
         with pytest.raises(ValueError):
             TopicCatalogue(bad)
@@ -307,16 +311,15 @@ def test_ensure_topics_creates_partitions_and_configs(
     admin = AdminClient({"bootstrap.servers": bootstrap, "allow.auto.create.topics": False})
     metadata = admin.list_topics(timeout=10)
     partitions = {name: len(metadata.topics[name].partitions) for name in topics.all_topics}
+    expected = {name: settings.partitions for name, settings in TOPIC_SETTINGS.items()}
     assert partitions == {
-        topics.workload: WORKLOAD_PARTITIONS,
-        topics.agent_lifecycle: AGENT_LIFECYCLE_PARTITIONS,
-        topics.dead_letter(topics.workload): 1,
-        topics.dead_letter(topics.agent_lifecycle): 1,
+        **{topics.topic(name): n for name, n in expected.items()},
+        **{topics.dead_letter(topics.topic(name)): 1 for name in expected},
     }
     assert (WORKLOAD_PARTITIONS, AGENT_LIFECYCLE_PARTITIONS) == (6, 4)
 
     futures = admin.describe_configs(
-        [ConfigResource("topic", topics.workload), ConfigResource("topic", topics.agent_lifecycle)]
+        [ConfigResource("topic", topics.topic(name)) for name in expected]
     )
     configs = {
         resource.name: {k: v.value for k, v in future.result(timeout=10).items()}
@@ -325,6 +328,8 @@ def test_ensure_topics_creates_partitions_and_configs(
     assert configs[topics.workload]["retention.ms"] == "604800000"
     assert configs[topics.agent_lifecycle]["retention.ms"] == "1209600000"
     assert configs[topics.workload]["cleanup.policy"] == "delete"
+    metrics = configs[topics.topic("performance_metrics")]  # seed 001's settings, as given
+    assert (metrics["retention.ms"], metrics["cleanup.policy"]) == ("2592000000", "compact")
 
     ensure_topics(bootstrap, topics)  # again: nothing to do, no error
     assert len(admin.list_topics(timeout=10).topics[topics.workload].partitions) == 6

@@ -260,3 +260,32 @@ def test_a_target_with_hundreds_of_events_loads_from_its_snapshot(w: World) -> N
     target = restarted.load(target_uuid("t1"), Target)
     assert target is not None and target.version == w.target().version
     assert target.capabilities == {"n": "59"} and target.workloads == w.target().workloads
+
+
+def test_a_step_still_running_at_the_sagas_deadline_is_timed_out_with_it(w: World) -> None:
+    saga, mesh = uuid4(), uuid4()
+    w.ok(StartMeshFormation(saga, mesh, "ring", {}, 0, 4))
+    first = MESH_STEPS[0]
+    taken = w.ok(TakeStep(saga, "p", first.name, None, 300.0, first.compensation), 10)
+    w.ok(FireSagaTimers(), 300)  # the saga's 300 s are up; the step had until 310
+    s = w.saga(saga)
+    assert s.state == "COMPENSATING" and s.steps[first.name]["state"] == "TIMED_OUT"
+    assert s.to_compensate == [first.name]
+    late = FinishStep(saga, first.name, "p", taken.fence, True, None, "", True, True)
+    assert isinstance(w.one(late, 301), ConflictError)  # it can no longer complete the saga
+    w.compensate_all(saga, 301)
+    assert w.saga(saga).state == "COMPENSATED"
+
+
+def test_each_compensation_attempt_gets_the_steps_own_timeout(w: World) -> None:
+    saga = w.spawn()
+    w.step(saga)  # reserve_resources: 5 s
+    w.step(saga, ok=False)
+    deadlines = []
+    t = 10.0
+    for _ in range(3):
+        taken = w.ok(TakeCompensation(saga, "gone"), t)
+        deadlines.append((taken.deadline - at(t)).total_seconds())
+        w.ok(FireSagaTimers(), t + 6)  # the lease lapses
+        t += 30
+    assert deadlines == [5.0, 5.0, 5.0]
