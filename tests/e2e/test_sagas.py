@@ -187,9 +187,19 @@ def test_an_agent_is_spawned_into_a_mesh_and_its_saga_shows_each_step(stack: Sta
     )
     assert members == [answer["agentId"]]
     # The sagas list shows it among the completed ones.
-    status_code, listed = http("GET", f"{stack.base}/api/v1/sagas?state=COMPLETED&limit=1000")
-    assert status_code == 200
-    assert answer["sagaId"] in {s["sagaId"] for s in listed["sagas"]}
+    wait_for(
+        lambda: (
+            answer["sagaId"]
+            in {
+                s["sagaId"]
+                for s in http("GET", f"{stack.base}/api/v1/sagas?state=COMPLETED&limit=1000")[1][
+                    "sagas"
+                ]
+            }
+        ),
+        10,
+        "the read model to list the saga COMPLETED",
+    )
 
 
 @pytest.mark.parametrize("failing", SPAWN_STEPS)
@@ -281,9 +291,15 @@ def test_each_mesh_formation_step_failing_or_timing_out_ends_compensated(
     assert names == list(MESH_STEPS[: MESH_STEPS.index(failing) + 1])
     for step in saga["steps"][:-1]:
         assert step["state"] == "COMPENSATED"
-    # No mesh came of it.
-    code, found = http("GET", f"{stack.base}/api/v1/meshes/{mesh}")
-    assert code == 404 or found["state"] in ("FAILED", "DISSOLVED"), found
+    # No mesh came of it: the read model shows it FAILED once it has the saga's end.
+    wait_for(
+        lambda: (
+            http("GET", f"{stack.base}/api/v1/meshes/{mesh}")[1].get("state")
+            in ("FAILED", "DISSOLVED")
+        ),
+        10,
+        "the mesh to show FAILED",
+    )
 
 
 def test_a_saga_runner_killed_mid_step_restarts_and_compensates(stack: Stack) -> None:
