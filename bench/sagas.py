@@ -96,7 +96,9 @@ async def until_ended(
 
 
 async def phase(base: str, target: str, mesh: str, n: int, clients: int) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=clients + 8)
+    # Kept-alive connections are dropped before the server drops them (5 s): one reused
+    # as the server closed it fails the request.
+    limits = httpx.Limits(max_connections=clients + 8, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as http:
         queue: asyncio.Queue[int] = asyncio.Queue()
         for i in range(n):
@@ -163,7 +165,9 @@ async def phase(base: str, target: str, mesh: str, n: int, clients: int) -> dict
 
 
 async def bench(base: str, faults: Path, args: argparse.Namespace) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+    async with httpx.AsyncClient(
+        base_url=base, timeout=30, limits=httpx.Limits(keepalive_expiry=2.0)
+    ) as http:
         r = await http.post(
             "/api/v1/meshes",
             json={

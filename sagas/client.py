@@ -45,7 +45,11 @@ class SagaApi:
 
     def __init__(self, base_url: str, driver: str, agent_key: str = "", timeout: float = 10.0):
         headers = {"X-Orhestra-Key": agent_key} if agent_key else {}
-        limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
+        # Idle connections are dropped before the server drops its side (uvicorn: 5 s), so
+        # a request is never sent on a connection the server is closing.
+        limits = httpx.Limits(
+            max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS, keepalive_expiry=2.0
+        )
         self.http = httpx.AsyncClient(
             base_url=base_url, headers=headers, timeout=timeout, limits=limits
         )
