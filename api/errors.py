@@ -149,8 +149,11 @@ def _saga_started(resp: Response, result: SagaStarted, failing: bool) -> None:
 
 
 def _step_taken(resp: Response, result: StepTaken, failing: bool) -> None:
-    resp.media = {
-        "success": True,
+    resp.media = {"success": True, **_taken(result)}
+
+
+def _taken(result: StepTaken) -> dict[str, Any]:
+    return {
         "sagaId": result.saga_id,
         "kind": result.kind,
         "step": result.step,
@@ -170,6 +173,7 @@ def _step_finished(resp: Response, result: StepFinished, failing: bool) -> None:
         "stepState": result.step_state,
         "sagaState": result.saga_state,
         "error": result.error,
+        "next": _taken(result.next) if result.next is not None else None,
     }
 
 

@@ -126,6 +126,7 @@ class SagaSteps:
             error,
             v.boolean(body, "apply", False),
             v.boolean(body, "final", False),
+            v.boolean(body, "takeNext", False),
         )
         answer(resp, await submit(self.ctx, req, command))
 
@@ -151,5 +152,6 @@ class SagaSteps:
             outcome,
             error,
             v.boolean(body, "apply", False),
+            v.boolean(body, "takeNext", False),
         )
         answer(resp, await submit(self.ctx, req, command))

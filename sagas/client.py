@@ -70,7 +70,7 @@ class SagaApi:
 
     async def take_step(self, saga: str, **declared: Any) -> Taken:
         body = await self._post(f"/internal/v1/sagas/{saga}/steps/take", declared)
-        return _taken(body, compensation=False)
+        return taken_from(body, compensation=False)
 
     async def finish_step(self, taken: Taken, **report: Any) -> dict[str, Any]:
         path = f"/internal/v1/sagas/{taken.saga_id}/steps/{taken.step}/finish"
@@ -80,7 +80,7 @@ class SagaApi:
         body = await self._post(
             f"/internal/v1/sagas/{saga}/compensations/take", {"step": step} if step else {}
         )
-        return _taken(body, compensation=True)
+        return taken_from(body, compensation=True)
 
     async def finish_compensation(self, taken: Taken, **report: Any) -> dict[str, Any]:
         path = f"/internal/v1/sagas/{taken.saga_id}/compensations/{taken.step}/finish"
@@ -112,7 +112,8 @@ class SagaApi:
         return found
 
 
-def _taken(body: dict[str, Any], compensation: bool) -> Taken:
+def taken_from(body: dict[str, Any], compensation: bool) -> Taken:
+    """A ``StepTaken`` answer (or a report's ``next``) as a :class:`Taken`."""
     return Taken(
         body["sagaId"],
         body["kind"],

@@ -51,6 +51,10 @@ class Report:
     error: str = ""
     apply: bool = True
 
+    def fields(self) -> dict[str, Any]:
+        """As a report's body fields."""
+        return {"ok": self.ok, "outcome": self.outcome, "error": self.error, "apply": self.apply}
+
 
 class Handler(Protocol):
     async def __call__(self, taken: Taken) -> Report: ...

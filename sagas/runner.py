@@ -41,7 +41,7 @@ import httpx
 
 from domain.ids import saga_id
 from domain.sagas.definitions import AGENT_SPAWNING, MESH_FORMATION, MESH_STEPS, StepSpec
-from sagas.client import Refused, SagaApi, Taken
+from sagas.client import Refused, SagaApi, Taken, taken_from
 from sagas.handlers import Faults, Handlers, Report
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,12 @@ class SagaRunner:
                     delay = max(0.0, retry.timestamp() - time.time()) if retry else 0.0
                 else:
                     delay = 0.0
-                self._spawn(saga, "compensate", partial(self.compensate, saga, delay))
+                if kind == "AgentSpawning":
+                    self._spawn(saga, "compensate", partial(self.compensate, saga, delay))
+                else:  # the participant whose step it is compensates it
+                    self._spawn(
+                        saga, f"undo {step}", partial(self.compensate, saga, delay, step=step)
+                    )
 
     def _spawn(self, saga: str, role: str, work: Callable[[], Awaitable[None]]) -> None:
         key = (saga, role)
@@ -188,30 +193,25 @@ class SagaRunner:
             return None
 
     async def drive(self, saga: str) -> None:
-        """Orchestration: take and run the spawn saga's steps until it is not RUNNING."""
-        while not self.stopping.is_set():
-            try:
-                taken = await self.api.take_step(saga)
-            except Refused:
-                return  # another runner drives it, a step runs, or it is over
+        """Orchestration: take and run the spawn saga's steps until it is not RUNNING, each
+        report taking the next step in its batch (one round trip a step)."""
+        try:
+            taken: Taken | None = await self.api.take_step(saga)
+        except Refused:
+            return  # another runner drives it, a step runs, or it is over
+        while taken is not None and not self.stopping.is_set():
             report = await self.run_handler(taken, _deadline(taken))
             if report is None:
                 return  # timed out: the writer compensates, the cue comes
             try:
-                finished = await self.api.finish_step(
-                    taken,
-                    ok=report.ok,
-                    outcome=report.outcome,
-                    error=report.error,
-                    apply=report.apply,
-                )
+                finished = await self.api.finish_step(taken, takeNext=True, **report.fields())
             except Refused:
                 return
+            following = next_taken(finished)
             if finished["sagaState"] == "COMPENSATING":
-                await self.compensate(saga)
+                await self.compensate(saga, first=following)
                 return
-            if finished["sagaState"] != "RUNNING":
-                return
+            taken = following
 
     async def participate(self, participant: Participant, saga: str) -> None:
         """Choreography: take this participant's step if it is its turn, run it, report."""
@@ -230,39 +230,32 @@ class SagaRunner:
         if report is None:
             return
         with contextlib.suppress(Refused):
-            await self.api.finish_step(
-                taken,
-                ok=report.ok,
-                outcome=report.outcome,
-                error=report.error,
-                apply=report.apply,
-                final=participant.final,
-            )
+            await self.api.finish_step(taken, final=participant.final, **report.fields())
 
-    async def compensate(self, saga: str, delay: float = 0.0) -> None:
-        """Take and run the saga's compensations, one by one, until none is left to take."""
+    async def compensate(
+        self, saga: str, delay: float = 0.0, first: Taken | None = None, step: str | None = None
+    ) -> None:
+        """Take and run the saga's compensations one by one, each report taking the next
+        (``step``: only that step's, as a participant compensates its own)."""
         if delay:
             await asyncio.sleep(delay)
-        while not self.stopping.is_set():
+        taken = first
+        if taken is None:
             try:
-                taken = await self.api.take_compensation(saga)
+                taken = await self.api.take_compensation(saga, step)
             except Refused:
                 return
+        while taken is not None and not self.stopping.is_set():
             report = await self.run_handler(taken, _deadline(taken))
             if report is None:
                 return  # the lease lapses: the writer counts it failed, the cue comes
             try:
                 finished = await self.api.finish_compensation(
-                    taken,
-                    ok=report.ok,
-                    outcome=report.outcome,
-                    error=report.error,
-                    apply=report.apply,
+                    taken, takeNext=step is None, **report.fields()
                 )
             except Refused:
                 return
-            if finished["sagaState"] != "COMPENSATING" or finished["stepState"] != "COMPENSATED":
-                return  # done, aborted, or this one failed (its retry has its own cue)
+            taken = next_taken(finished)
 
     # ---- the sweep -------------------------------------------------------------------------
 
@@ -323,6 +316,14 @@ class SagaRunner:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def next_taken(finished: dict[str, Any]) -> Taken | None:
+    """What a report's ``takeNext`` took, if anything."""
+    following = finished.get("next")
+    if following is None:
+        return None
+    return taken_from(following, compensation=finished["sagaState"] == "COMPENSATING")
 
 
 def _deadline(taken: Taken) -> float:

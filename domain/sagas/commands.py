@@ -63,6 +63,9 @@ class FinishStep:
     error: str = ""
     apply: bool = False
     final: bool = False
+    #: Also take, in the same batch, what the saga needs next from this driver: its next
+    #: step (orchestrated sagas), or its first compensation if this report started one.
+    take_next: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class FinishCompensation:
     outcome: Any = None
     error: str = ""
     apply: bool = False
+    #: Also take the next compensation, in the same batch.
+    take_next: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,8 @@ class StepFinished:
     step_state: str
     saga_state: str
     error: str | None = None
+    #: What ``take_next`` took (None: nothing to take now).
+    next: StepTaken | None = None
 
 
 @dataclass(frozen=True)

@@ -164,16 +164,7 @@ class SagasWork:
         except SagaError as error:
             return ConflictError(str(error))
         self.uow.add(saga)
-        s = saga.steps[spec.name]
-        return StepTaken(
-            saga.public_id,
-            saga.kind,
-            spec.name,
-            spec.compensation,
-            fence,
-            _at(s["deadline"]),
-            saga.params,
-        )
+        return self._taken(saga, spec.name, fence)
 
     def finish(self, c: FinishStep) -> Result:
         saga = self._saga(c.saga)
@@ -190,14 +181,14 @@ class SagasWork:
                     except EffectRefused as refused:
                         saga.fail(c.step, c.driver, c.fence, str(refused), self.uow.now)
                         self.uow.add(saga)
-                        return self._finished(saga, c.step)
+                        return self._finished(saga, c.step, c.driver, c.take_next)
                 saga.succeed(c.step, c.driver, c.fence, outcome, final, self.uow.now)
             else:
                 saga.fail(c.step, c.driver, c.fence, c.error or "failed", self.uow.now)
         except SagaError as error:
             return ConflictError(str(error))
         self.uow.add(saga)
-        return self._finished(saga, c.step)
+        return self._finished(saga, c.step, c.driver, c.take_next)
 
     def _effect(self, name: str, saga: Saga) -> Any:
         effect = EFFECTS.get(name)
@@ -205,10 +196,47 @@ class SagasWork:
             raise EffectRefused(f"{name} has no built-in handler: configure a hook for it")
         return effect(self.uow, saga)
 
-    @staticmethod
-    def _finished(saga: Saga, step: str) -> StepFinished:
+    def _finished(self, saga: Saga, step: str, driver: str, take_next: bool) -> StepFinished:
         s = saga.steps[step]
-        return StepFinished(saga.public_id, step, s["state"], saga.state, s["error"])
+        return StepFinished(
+            saga.public_id,
+            step,
+            s["state"],
+            saga.state,
+            s["error"],
+            next=self._next(saga, driver) if take_next else None,
+        )
+
+    def _next(self, saga: Saga, driver: str) -> StepTaken | None:
+        """What ``driver`` takes next of ``saga`` in this batch (the claimNext of sagas):
+        the next step of an orchestrated one, or the next compensation."""
+        try:
+            if saga.state == "RUNNING" and isinstance(saga, AgentSpawning):
+                spec = saga.next_spec()
+                if spec is None:
+                    return None
+                fence = saga.take(spec, driver, self.uow.now)
+                return self._taken(saga, spec.name, fence)
+            if saga.next_compensation() is not None:
+                step, fence = saga.take_compensation(None, driver, self.uow.now)
+                return self._taken(saga, step, fence, compensation=True)
+        except SagaError:
+            return None
+        return None
+
+    @staticmethod
+    def _taken(saga: Saga, step: str, fence: int, compensation: bool = False) -> StepTaken:
+        s = saga.steps[step]
+        return StepTaken(
+            saga.public_id,
+            saga.kind,
+            step,
+            s["compensation"],
+            fence,
+            _at(s["deadline"]),
+            saga.params,
+            outcome=s["outcome"] if compensation else None,
+        )
 
     def take_compensation(self, c: TakeCompensation) -> Result:
         saga = self._saga(c.saga)
@@ -219,17 +247,7 @@ class SagasWork:
         except SagaError as error:
             return ConflictError(str(error))
         self.uow.add(saga)
-        s = saga.steps[step]
-        return StepTaken(
-            saga.public_id,
-            saga.kind,
-            step,
-            s["compensation"],
-            fence,
-            _at(s["deadline"]),
-            saga.params,
-            outcome=s["outcome"],
-        )
+        return self._taken(saga, step, fence, compensation=True)
 
     def finish_compensation(self, c: FinishCompensation) -> Result:
         saga = self._saga(c.saga)
@@ -250,7 +268,7 @@ class SagasWork:
         except SagaError as problem:
             return ConflictError(str(problem))
         self._add(saga)
-        return self._finished(saga, c.step)
+        return self._finished(saga, c.step, c.driver, c.take_next)
 
     def fire_timers(self, c: FireSagaTimers) -> Result:
         fired: list[str] = []

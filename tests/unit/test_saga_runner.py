@@ -190,11 +190,13 @@ class FakeApi:
 
     def __init__(self) -> None:
         self.finished: list[tuple[str, dict[str, Any]]] = []
+        self.takes = 0
         self.steps = ["reserve_resources", "initialize_agent_state", "register_with_mesh"]
 
     async def take_step(self, saga: str, **declared: Any) -> Taken:
         from sagas.client import Refused
 
+        self.takes += 1
         if not self.steps:
             raise Refused("no step to take")
         return taken(self.steps[0])
@@ -202,7 +204,21 @@ class FakeApi:
     async def finish_step(self, t: Taken, **report: Any) -> dict[str, Any]:
         self.finished.append((t.step, report))
         self.steps.pop(0)
-        return {"sagaState": "COMPLETED" if not self.steps else "RUNNING", "stepState": "SUCCEEDED"}
+        following = None
+        if self.steps and report.get("takeNext"):  # the report takes the next step too
+            nxt = taken(self.steps[0])
+            following = {
+                "sagaId": nxt.saga_id,
+                "kind": nxt.kind,
+                "step": nxt.step,
+                "compensation": nxt.compensation,
+                "fenceToken": nxt.fence,
+                "deadline": nxt.deadline.isoformat(),
+                "params": nxt.params,
+                "outcome": None,
+            }
+        state = "COMPLETED" if not self.steps else "RUNNING"
+        return {"sagaState": state, "stepState": "SUCCEEDED", "next": following}
 
 
 async def test_the_orchestrator_takes_each_step_in_turn_and_reports_it_applied() -> None:
@@ -215,6 +231,7 @@ async def test_the_orchestrator_takes_each_step_in_turn_and_reports_it_applied()
         "register_with_mesh",
     ]
     assert all(report["apply"] and report["ok"] for _, report in api.finished)
+    assert api.takes == 1  # each report took the next step: one round trip a step
 
 
 async def test_a_hanging_step_is_given_up_at_its_deadline(tmp_path: Path) -> None:

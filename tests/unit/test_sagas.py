@@ -289,3 +289,24 @@ def test_each_compensation_attempt_gets_the_steps_own_timeout(w: World) -> None:
         w.ok(FireSagaTimers(), t + 6)  # the lease lapses
         t += 30
     assert deadlines == [5.0, 5.0, 5.0]
+
+
+def test_a_report_may_take_what_the_saga_needs_next_in_its_batch(w: World) -> None:
+    saga = w.spawn()
+    taken = w.ok(TakeStep(saga, "r1"))
+    done = w.ok(FinishStep(saga, taken.step, "r1", taken.fence, True, None, "", True, False, True))
+    assert done.next is not None and done.next.step == "initialize_agent_state"
+    assert done.next.fence == taken.fence + 1
+    following = done.next
+    failed = w.ok(
+        FinishStep(
+            saga, following.step, "r1", following.fence, False, None, "no", True, False, True
+        )
+    )
+    assert failed.saga_state == "COMPENSATING"
+    # the failed step did nothing: reserve_resources is the one to undo
+    assert failed.next is not None and failed.next.compensation == "release_resources"
+    undo = failed.next
+    end = w.ok(FinishCompensation(saga, undo.step, "r1", undo.fence, True, None, "", True, True))
+    assert end.saga_state == "COMPENSATED" and end.next is None
+    assert w.target().workloads == 0
