@@ -69,7 +69,14 @@ async def put_target(http: httpx.AsyncClient, name: str) -> None:
 
 
 async def saga_view(http: httpx.AsyncClient, saga: str) -> dict[str, Any]:
-    r = await http.get(f"/api/v1/sagas/{saga}")
+    for attempt in range(3):  # a GET may be sent again: a reused connection can be reset
+        try:
+            r = await http.get(f"/api/v1/sagas/{saga}")
+            break
+        except httpx.TransportError:
+            if attempt == 2:
+                raise
+            await asyncio.sleep(0.1)
     r.raise_for_status()
     found: dict[str, Any] = r.json()
     return found
@@ -227,13 +234,14 @@ def main() -> None:
         faults = Path(tmp) / "faults.json"
         faults.write_text('{"rules": []}')
         env["TADPOLE_TEST_SAGA_FAULTS"] = str(faults)
-        log(f"starting tadpole up on {base} ({name})")
+        log(f"starting tadpole up on {base} ({name}); its log: {Path(tmp) / 'stack.log'}")
+        stack_log = (Path(tmp) / "stack.log").open("wb")
         stack = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "up"],
             env=env,
             cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=stack_log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
@@ -247,6 +255,10 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(stack.pid, 9)
             cleanup(name)
+            stack_log.close()
+            for line in (Path(tmp) / "stack.log").read_text(errors="replace").splitlines():
+                if "exited with" in line or "Traceback" in line or "CRITICAL" in line:
+                    log(f"stack: {line}")
     log("DBOS: the same saga, the same phases")
     peers = ROOT / "bench" / ".venv-peers" / "bin" / "python"
     dbos = json.loads(
